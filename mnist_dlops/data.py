@@ -1,0 +1,129 @@
+"""MNISTDataModule: the MNIST splits for a task, held in memory as uint8 tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, Optional
+
+import pytorch_lightning as pl
+import torch
+from jsonargparse.typing import PositiveInt
+from torch import Tensor
+
+from mnist_dlops.batches import EpochOrder, TensorBatches
+from mnist_dlops.download import DEFAULT_MIRRORS, ensure_mnist
+from mnist_dlops.sources import DataError, read_idx_split, read_png_split
+
+Digit = Literal[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+
+
+class MNISTDataModule(pl.LightningDataModule):
+    """MNIST for the 10-digit task or one digit against the rest; validation is held out of train."""
+
+    def __init__(
+        self,
+        data_dir: str = "data/mnist",
+        source: Literal["idx", "png"] = "idx",
+        task: Literal["multiclass", "binary"] = "multiclass",
+        digit: Digit = 3,
+        val_size: PositiveInt = 5000,
+        seed: int = 42,
+        batch_size: PositiveInt = 128,
+        eval_batch_size: PositiveInt = 1000,
+        download: bool = True,
+        mirrors: Sequence[str] = DEFAULT_MIRRORS,
+    ) -> None:
+        """
+        Args:
+            data_dir: Folder with the four MNIST IDX files (``*-ubyte.gz`` or uncompressed), or with
+                ``train/<class>/*.png`` and ``test/<class>/*.png`` when ``source`` is ``png``.
+            source: ``idx`` for the official MNIST files; ``png`` for a folder of PNG digits, one sub-folder per class
+                named by its digit (``0``..``9``), or for the binary task by the digit and ``no<digit>``.
+            task: ``multiclass`` classifies the 10 digits; ``binary`` tells ``digit`` from the rest.
+            digit: The positive class of the binary task.
+            val_size: Number of training images held out for validation.
+            seed: Seed of the train/validation split and of the per-epoch shuffle.
+            batch_size: Training batch size (per process under DDP).
+            eval_batch_size: Batch size for validation, test and predict (no gradients, so larger is faster).
+            download: Download the IDX files into ``data_dir`` when they are missing.
+            mirrors: Base URLs tried in order for the download; every file's MD5 is checked before use.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir)
+        self.source, self.task, self.digit = source, task, digit
+        self.val_size, self.seed = val_size, seed
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.download, self.mirrors = download, list(mirrors)
+        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def class_names(self) -> list[str]:
+        """Display names of the classes, indexed by label (for logs and plots)."""
+        if self.task == "binary":
+            return [f"no {self.digit}", f"{self.digit}"]
+        return [str(d) for d in range(10)]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def prepare_data(self) -> None:
+        """Download missing IDX files (runs once per machine, before ``setup``)."""
+        if self.source == "idx" and self.download:
+            ensure_mnist(self.data_dir, self.mirrors)
+
+    def setup(self, stage: str) -> None:
+        """Load the splits this stage needs into memory, once."""
+        if stage in ("fit", "validate") and "train" not in self.splits:
+            images, labels = self._read("train")
+            if self.val_size >= len(images):
+                raise DataError(f"data.val_size={self.val_size} leaves no training images out of {len(images)}")
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))
+            train_idx, val_idx = order[: -self.val_size], order[-self.val_size :]
+            self.splits["train"] = (images[train_idx], labels[train_idx])
+            self.splits["val"] = (images[val_idx], labels[val_idx])
+        if stage in ("test", "predict") and "test" not in self.splits:
+            self.splits["test"] = self._read("test")
+
+    def _read(self, split: str) -> tuple[Tensor, Tensor]:
+        """Read one split as (uint8 [N, 1, 28, 28], int64 [N]) with the task's labels."""
+        if not self.data_dir.is_dir():
+            raise DataError(
+                f"{self.data_dir}: not a folder; put the four MNIST *-ubyte.gz files there "
+                "or point --data.data_dir at a folder that holds them"
+            )
+        if self.source == "png":
+            images, labels = read_png_split(self.data_dir, split, self._png_classes())
+        else:
+            images, labels = read_idx_split(self.data_dir, split)
+        if self.task == "binary" and self.source == "idx":
+            labels = (labels == self.digit).long()
+        return images.unsqueeze(1).contiguous(), labels
+
+    def _png_classes(self) -> dict[str, int]:
+        """Map class-folder names to labels: digits for multiclass; the digit vs ``no<digit>`` for binary."""
+        if self.task == "multiclass":
+            return {str(d): d for d in range(10)}
+        negatives = {str(d): 0 for d in range(10) if d != self.digit}
+        negatives.update({f"no{self.digit}": 0, f"no {self.digit}": 0, f"no_{self.digit}": 0})
+        return {**negatives, str(self.digit): 1}
+
+    def _loader(self, split: str, train: bool) -> TensorBatches:
+        images, labels = self.splits[split]
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        order = EpochOrder(len(labels), shuffle=train, seed=self.seed, rank=rank, world_size=world, even=train)
+        return TensorBatches(images, labels, self.batch_size if train else self.eval_batch_size, order)
+
+    def train_dataloader(self) -> TensorBatches:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> TensorBatches:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> TensorBatches:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> TensorBatches:
+        return self._loader("test", train=False)

@@ -1,0 +1,126 @@
+"""MNISTModule: one network, one loss, one step shared by train/val/test, and a metric collection per stage."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.cli import OptimizerCallable
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryF1Score,
+    BinaryPrecision,
+    BinaryRecall,
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from mnist_dlops.networks import FastCNN
+from mnist_dlops.schedules import OneCycleLR
+
+NetworkCallable = Callable[[int], nn.Module]  # num_classes -> network
+ScheduleCallable = Callable[[Optimizer, int], LRScheduler]  # (optimizer, total_steps) -> per-step schedule
+
+# Mean and standard deviation of MNIST's training pixels, in [0, 1] units.
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+STAGES = ("train", "val", "test")
+
+
+def make_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """Accuracy, precision, recall and F1 (macro over the digits; of the positive class when binary), + AUROC if binary."""
+    if num_classes == 2:
+        metrics = {
+            "acc": BinaryAccuracy(),
+            "precision": BinaryPrecision(),
+            "recall": BinaryRecall(),
+            "f1": BinaryF1Score(),
+            "auroc": BinaryAUROC(),
+        }
+    else:
+        kwargs = {"num_classes": num_classes, "average": "macro"}
+        metrics = {
+            # Accuracy is micro-averaged (the fraction of correct images), the others per-class then averaged.
+            "acc": MulticlassAccuracy(num_classes=num_classes, average="micro"),
+            "precision": MulticlassPrecision(**kwargs),
+            "recall": MulticlassRecall(**kwargs),
+            "f1": MulticlassF1Score(**kwargs),
+        }
+    return MetricCollection(metrics, prefix=prefix)
+
+
+class MNISTModule(pl.LightningModule):
+    """Classifies MNIST digits with the configured network, optimizer and learning-rate schedule."""
+
+    def __init__(
+        self,
+        network: NetworkCallable = FastCNN,
+        class_names: Sequence[str] = tuple(str(d) for d in range(10)),
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: Optional[ScheduleCallable] = OneCycleLR,
+    ) -> None:
+        """
+        Args:
+            network: The network class (``class_path`` + ``init_args``); it is built with ``num_classes`` first.
+            class_names: Names of the classes by label; set by the CLI from the data module, never by hand.
+            optimizer: The optimizer class and its arguments (``lr`` etc.); built over the network's parameters.
+            lr_scheduler: Schedule built as ``(optimizer, total_steps)`` and stepped after every step, e.g.
+                ``mnist_dlops.schedules.OneCycleLR`` or ``torch.optim.lr_scheduler.CosineAnnealingLR``; null for none.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.class_names = list(class_names)
+        self.network = network(len(self.class_names))
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.binary = len(self.class_names) == 2
+        # One collection per stage (attributes, not a dict: nn.Module reserves the key "train").
+        self.train_metrics = make_metrics(len(self.class_names), "train/")
+        self.val_metrics = make_metrics(len(self.class_names), "val/")
+        self.test_metrics = make_metrics(len(self.class_names), "test/")
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits for a batch of MNIST images: uint8 ``[N, 1, 28, 28]`` (0-255), as the data module serves them."""
+        x = (images.float() / 255.0 - MNIST_MEAN) / MNIST_STD
+        return self.network(x)
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        # Training logs the running loss per step; evaluation logs the epoch mean, weighted by batch size.
+        train = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=not train, prog_bar=True, batch_size=len(labels))
+        metrics = getattr(self, f"{stage}_metrics")
+        # Binary metrics want the positive class's probability; the multiclass ones take the logits.
+        metrics.update(logits.detach().softmax(-1)[:, 1] if self.binary else logits.detach(), labels)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=not train)
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Class probabilities ``[N, num_classes]`` of a batch."""
+        return self(batch[0]).softmax(-1)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        schedule = self.lr_scheduler(optimizer, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

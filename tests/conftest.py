@@ -1,0 +1,93 @@
+"""Shared fixtures: the real MNIST copy, a small generated IDX set, a PNG-tree dataset, and a CLI runner."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# The genuine MNIST files (md5-verified) live in ../shared/data/mnist beside the checkout; MNIST_DIR overrides.
+MNIST_DIR = Path(os.environ.get("MNIST_DIR", REPO.parent / "shared" / "data" / "mnist"))
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array as an IDX file (gzipped when the name ends in .gz)."""
+    header = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    if path.suffix == ".gz":
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def fake_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` random 28x28 uint8 images with labels cycling through 0-9."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8), (np.arange(n) % 10).astype(np.uint8)
+
+
+def make_idx_set(folder: Path, n_train: int = 300, n_test: int = 100, gz: bool = True) -> Path:
+    """Write the four MNIST IDX files, with generated content, into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = fake_digits(n, seed)
+        write_idx(folder / f"{split}-images-idx3-ubyte{suffix}", images)
+        write_idx(folder / f"{split}-labels-idx1-ubyte{suffix}", labels)
+    return folder
+
+
+def make_png_tree(root: Path, per_class: int = 3, names: dict[int, str] | None = None) -> Path:
+    """Write ``root/{train,test}/<class>/*.png`` from generated digits; ``names`` maps labels to folder names."""
+    from PIL import Image
+
+    for split, seed in (("train", 0), ("test", 1)):
+        images, labels = fake_digits(10 * per_class, seed)
+        for i, (image, label) in enumerate(zip(images, labels)):
+            folder = root / split / (names or {}).get(int(label), str(label))
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i:05d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The real MNIST files; a missing copy is a failure, not a skip, so CI cannot pass without real data."""
+    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"real MNIST not found in {MNIST_DIR}: set MNIST_DIR to a folder with the four *-ubyte.gz files")
+    return MNIST_DIR
+
+
+@pytest.fixture
+def tiny_idx(tmp_path: Path) -> Path:
+    return make_idx_set(tmp_path / "tiny")
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python cli.py ARGS`` in ``cwd`` as a user would, capturing its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[float]]:
+    """Every scalar series in a run's TensorBoard events, read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

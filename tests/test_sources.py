@@ -1,0 +1,116 @@
+"""Reading IDX files and PNG trees: right tensors for good files, one naming line for bad ones."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import fake_digits, make_idx_set, make_png_tree, write_idx
+from PIL import Image
+
+from mnist_dlops.sources import DataError, read_idx_split, read_png_split
+
+DIGITS = {str(d): d for d in range(10)}
+
+
+def test_gz_and_raw_idx_read_the_same(tmp_path: Path) -> None:
+    gz = make_idx_set(tmp_path / "gz", gz=True)
+    raw = make_idx_set(tmp_path / "raw", gz=False)
+    images_gz, labels_gz = read_idx_split(gz, "train")
+    images_raw, labels_raw = read_idx_split(raw, "train")
+    expected_images, expected_labels = fake_digits(300, 0)
+    assert images_gz.dtype == torch.uint8 and images_gz.shape == (300, 28, 28)
+    assert labels_gz.dtype == torch.int64
+    assert torch.equal(images_gz, images_raw) and torch.equal(labels_gz, labels_raw)
+    assert np.array_equal(images_gz.numpy(), expected_images)
+    assert np.array_equal(labels_gz.numpy(), expected_labels)
+
+
+def test_real_mnist_reads_with_known_sizes(mnist_dir: Path) -> None:
+    images, labels = read_idx_split(mnist_dir, "test")
+    assert images.shape == (10_000, 28, 28)
+    assert torch.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def _corrupt(folder: Path, name: str, data: bytes) -> None:
+    with gzip.open(folder / name, "wb") as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        ("train-images-idx3-ubyte.gz", b"\x00\x00\x08\x01" + b"\x00" * 8, "wrong magic number"),
+        ("train-images-idx3-ubyte.gz", b"\x00\x00", "too short"),
+        ("train-labels-idx1-ubyte.gz", b"\x00\x00\x08\x01\x00\x00\x01\x2c" + b"\x01" * 10, "header promises 300"),
+    ],
+)
+def test_bad_idx_names_file_and_fault(tmp_path: Path, name: str, data: bytes, message: str) -> None:
+    folder = make_idx_set(tmp_path)
+    _corrupt(folder, name, data)
+    with pytest.raises(DataError, match=message) as err:
+        read_idx_split(folder, "train")
+    assert name in str(err.value)
+
+
+def test_truncated_gzip_names_file(tmp_path: Path) -> None:
+    folder = make_idx_set(tmp_path)
+    path = folder / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(DataError, match="cannot be read") as err:
+        read_idx_split(folder, "train")
+    assert str(path) in str(err.value)
+
+
+def test_label_count_and_range_are_checked(tmp_path: Path) -> None:
+    folder = make_idx_set(tmp_path)
+    write_idx(folder / "train-labels-idx1-ubyte.gz", np.zeros(299, dtype=np.uint8))
+    with pytest.raises(DataError, match="299 labels for 300 images"):
+        read_idx_split(folder, "train")
+    write_idx(folder / "train-labels-idx1-ubyte.gz", np.full(300, 12, dtype=np.uint8))
+    with pytest.raises(DataError, match="label 12 is out of range"):
+        read_idx_split(folder, "train")
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    folder = make_idx_set(tmp_path)
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.*missing"):
+        read_idx_split(folder, "test")
+
+
+def test_png_tree_reads_digits_by_folder(tmp_path: Path) -> None:
+    root = make_png_tree(tmp_path / "pngs")
+    images, labels = read_png_split(root, "train", DIGITS)
+    expected_images, expected_labels = fake_digits(30, 0)
+    order = np.lexsort((np.arange(30), expected_labels))  # read back class by class, files in name order
+    assert images.shape == (30, 28, 28) and images.dtype == torch.uint8
+    assert np.array_equal(labels.numpy(), expected_labels[order])
+    assert np.array_equal(images.numpy(), expected_images[order])
+
+
+def test_png_of_any_size_and_mode_becomes_28x28_gray(tmp_path: Path) -> None:
+    folder = tmp_path / "pngs" / "train" / "7"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (56, 40), (255, 255, 255)).save(folder / "big.png")
+    images, labels = read_png_split(tmp_path / "pngs", "train", DIGITS)
+    assert images.shape == (1, 28, 28) and labels.tolist() == [7]
+    assert int(images.min()) == 255
+
+
+@pytest.mark.parametrize(
+    ("make_fault", "message"),
+    [
+        (lambda root: (root / "train" / "3" / "notes.txt").write_text("hello"), "notes.txt: not a readable image"),
+        (lambda root: (root / "train" / "4").mkdir() or None, "empty class folder"),
+        (lambda root: (root / "train" / "cats").mkdir(), "class folder name not understood"),
+    ],
+)
+def test_bad_png_tree_names_the_fault(tmp_path: Path, make_fault, message: str) -> None:
+    root = make_png_tree(tmp_path / "pngs", names={4: "5"})  # no folder "4" yet
+    make_fault(root)
+    with pytest.raises(DataError, match=message):
+        read_png_split(root, "train", DIGITS)
