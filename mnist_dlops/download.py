@@ -75,7 +75,10 @@ def download_file(name: str, data_dir: Path, mirrors: list[str], timeout: float 
             errors.append(f"{url}: {getattr(err, 'reason', err)}")
         finally:
             tmp.unlink(missing_ok=True)
-    raise DataError(f"{data_dir / name}: missing and no mirror gave a verified copy ({'; '.join(errors)})")
+    raise DataError(
+        f"{data_dir / name}: missing, and no mirror gave a verified copy ({'; '.join(errors)}); "
+        f"copy the four MNIST *-ubyte.gz files into {data_dir} or point --data.data_dir at a folder that holds them"
+    )
 
 
 def ensure_mnist(data_dir: Path, mirrors: list[str]) -> None:
@@ -84,7 +87,10 @@ def ensure_mnist(data_dir: Path, mirrors: list[str]) -> None:
     if not missing:
         return
     if not mirrors:
-        raise DataError(f"{data_dir}: missing {', '.join(missing)} and no download mirrors are configured")
+        raise DataError(
+            f"{data_dir}: missing {', '.join(missing)} and no download mirrors are configured; copy the files "
+            "there or point --data.data_dir at a folder that holds them"
+        )
     data_dir.mkdir(parents=True, exist_ok=True)
     for name in missing:
         download_file(name, data_dir, mirrors)

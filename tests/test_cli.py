@@ -1,0 +1,115 @@
+"""The real CLI: every shipped config parses, --print_config round-trips, fit -> test on real MNIST works."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, read_scalars, run_cli
+
+from mnist_dlops import MNISTModule
+from mnist_dlops.cli import cli_main
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def _print_config(capsys: pytest.CaptureFixture, *args: str) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["fit", *args, "--print_config"])
+    assert exit_.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_config_parses_alone_and_stacked(config: Path, capsys: pytest.CaptureFixture) -> None:
+    alone = yaml.safe_load(_print_config(capsys, "-c", str(config)))
+    stacked = yaml.safe_load(_print_config(capsys, "-c", str(config), "-c", str(REPO / "configs" / "debug.yaml")))
+    mine = yaml.safe_load(config.read_text())
+    for section, values in mine.items():  # what the file sets is what the parser resolved
+        for key, value in values.items():
+            assert alone[section][key] == value or isinstance(value, dict), (section, key)
+    assert stacked["trainer"]["limit_train_batches"] == 20
+
+
+def test_default_experiment_is_the_fast_cnn_with_tensorboard(capsys: pytest.CaptureFixture) -> None:
+    config = yaml.safe_load(_print_config(capsys))
+    assert config["model"]["network"]["class_path"] == "mnist_dlops.networks.FastCNN"
+    assert config["trainer"]["logger"]["class_path"] == "pytorch_lightning.loggers.TensorBoardLogger"
+    assert config["checkpoint"]["monitor"] == "val/loss" and config["checkpoint"]["save_last"] is True
+    assert "class_names" not in config["model"]  # derived from the data module, never set by hand
+
+
+def test_print_config_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    binary = str(REPO / "configs" / "binary.yaml")
+    first = _print_config(capsys, "-c", binary, "--data.batch_size", "32", "--trainer.max_epochs", "5")
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(first)
+    assert _print_config(capsys, "--config", str(saved)) == first
+
+
+def test_binary_config_links_two_outputs(capsys: pytest.CaptureFixture) -> None:
+    from mnist_dlops.cli import MNISTCLI
+    from mnist_dlops.data import MNISTDataModule
+
+    cli = MNISTCLI(
+        MNISTModule,
+        MNISTDataModule,
+        args=["-c", str(REPO / "configs" / "binary.yaml")],
+        run=False,
+        auto_configure_optimizers=False,
+    )
+    assert cli.model.class_names == ["no 3", "3"]
+    assert cli.model.network.layers[-1].out_features == 2
+
+
+@pytest.fixture(scope="module")
+def debug_run(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Path:
+    """A seconds-long fit on the real MNIST; yields the working directory."""
+    cwd = tmp_path_factory.mktemp("debug_run")
+    result = run_cli("fit", "-c", str(REPO / "configs" / "debug.yaml"), "--data.data_dir", str(mnist_dir), cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd
+
+
+def test_fit_writes_one_run_directory(debug_run: Path) -> None:
+    run = debug_run / "lightning_logs" / "version_0"
+    assert (run / "config.yaml").is_file()
+    assert not (debug_run / "config.yaml").exists()
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints
+    assert any(name.startswith("epoch00-val_loss") for name in checkpoints), checkpoints
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["trainer"]["limit_train_batches"] == 20
+    scalars = read_scalars(run)
+    assert {"train/loss", "val/loss", "val/acc", "val/f1", "val/precision", "val/recall", "train/acc"} <= set(scalars)
+    assert 0.5 < scalars["val/acc"][-1] <= 1.0  # 20 steps of a CNN on real digits is far above chance (0.1)
+
+
+def test_checkpoint_loads_with_weights_only(debug_run: Path) -> None:
+    ckpt_path = debug_run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    hparams = ckpt["hyper_parameters"]
+    assert hparams["network"]["class_path"] == "mnist_dlops.networks.FastCNN"
+    assert hparams["class_names"] == [str(d) for d in range(10)]
+    assert ckpt["datamodule_hyper_parameters"]["task"] == "multiclass"
+    model = MNISTModule.load_from_checkpoint(ckpt_path, weights_only=True)
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    model.eval()
+    with torch.no_grad():
+        expected = model(images)
+    model.load_state_dict(ckpt["state_dict"])
+    with torch.no_grad():
+        assert torch.equal(model(images), expected)
+
+
+def test_test_subcommand_evaluates_the_checkpoint(debug_run: Path, mnist_dir: Path) -> None:
+    best = next((debug_run / "lightning_logs" / "version_0" / "checkpoints").glob("epoch*.ckpt"))
+    result = run_cli("test", "--data.data_dir", str(mnist_dir), "--ckpt_path", str(best), cwd=debug_run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test/acc" in result.stdout
+    runs = sorted((debug_run / "lightning_logs").iterdir())
+    test_acc = read_scalars(runs[-1])["test/acc"][-1]
+    fit_val_acc = read_scalars(runs[0])["val/acc"][-1]
+    assert abs(test_acc - fit_val_acc) < 0.05  # same weights, another sample of the same distribution
