@@ -1,23 +1,33 @@
-"""MNISTCLI: LightningCLI with the project's defaults, the links between data and model, and one-line errors."""
+"""MNISTCLI: LightningCLI with the project's defaults, one directory per run, and one-line errors."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from mnist_dlops.callbacks import RunConfigSaver
 from mnist_dlops.data import MNISTDataModule
 from mnist_dlops.module import MNISTModule
+from mnist_dlops.rundir import claim_run_dir, place_in_run, run_dir_of
 from mnist_dlops.sources import DataError
+
+# Lightning's DDP launcher re-runs this script once per extra process; they inherit the run directory through it.
+RUN_DIR_ENV = "MNIST_DLOPS_RUN_DIR"
 
 
 class MNISTCLI(LightningCLI):
     """``fit``/``validate``/``test``/``predict`` over MNISTModule and MNISTDataModule, configured from YAML."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--runs_dir", type=str, default="lightning_logs", help="Folder holding one version_N directory per run."
+        )
         # The network's output size and the plots' labels follow the data module's task: set once, there.
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         # Checkpointing is always on and configurable as `checkpoint.*`: the best by val/loss, plus last.ckpt.
@@ -31,12 +41,24 @@ class MNISTCLI(LightningCLI):
                 "checkpoint.filename": "epoch{epoch:02d}-val_loss{val/loss:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
                 "trainer.max_epochs": 3,
+                # The run config saver logs the whole config to every tracker, the model's arguments included.
+                "trainer.enable_autolog_hparams": False,
                 "trainer.logger": {
                     "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "lightning_logs", "name": ""},
+                    "init_args": {"save_dir": "{run_dir}", "name": "", "version": ""},
                 },
             }
         )
+
+    def before_instantiate_classes(self) -> None:
+        """Give this run its directory before any logger or checkpoint callback exists."""
+        if self.subcommand is None:
+            return
+        config = self.config[self.subcommand]
+        run_dir = os.environ.get(RUN_DIR_ENV) or run_dir_of(config.get("ckpt_path"))
+        run_dir = Path(run_dir) if run_dir else claim_run_dir(Path(config.runs_dir))
+        os.environ[RUN_DIR_ENV] = str(run_dir)
+        place_in_run(config, run_dir)
 
 
 @contextmanager
@@ -51,5 +73,15 @@ def user_errors() -> Iterator[None]:
 
 def cli_main(args: ArgsType = None) -> None:
     """Parse ``args`` (default: the command line) and run the chosen subcommand."""
-    with user_errors():
-        MNISTCLI(MNISTModule, MNISTDataModule, args=args, seed_everything_default=42, auto_configure_optimizers=False)
+    try:
+        with user_errors():
+            MNISTCLI(
+                MNISTModule,
+                MNISTDataModule,
+                args=args,
+                seed_everything_default=42,
+                save_config_callback=RunConfigSaver,
+                auto_configure_optimizers=False,
+            )
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)  # one run per call, also when called from Python

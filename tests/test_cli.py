@@ -22,14 +22,20 @@ def _print_config(capsys: pytest.CaptureFixture, *args: str) -> str:
     return capsys.readouterr().out
 
 
+def _within(mine: object, resolved: object) -> bool:
+    """Whether every value set in ``mine`` appears in ``resolved`` (which also holds the defaults)."""
+    if isinstance(mine, dict):
+        return isinstance(resolved, dict) and all(k in resolved and _within(v, resolved[k]) for k, v in mine.items())
+    if isinstance(mine, list):
+        return isinstance(resolved, list) and len(mine) == len(resolved) and all(map(_within, mine, resolved))
+    return mine == resolved
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
 def test_every_config_parses_alone_and_stacked(config: Path, capsys: pytest.CaptureFixture) -> None:
     alone = yaml.safe_load(_print_config(capsys, "-c", str(config)))
     stacked = yaml.safe_load(_print_config(capsys, "-c", str(config), "-c", str(REPO / "configs" / "debug.yaml")))
-    mine = yaml.safe_load(config.read_text())
-    for section, values in mine.items():  # what the file sets is what the parser resolved
-        for key, value in values.items():
-            assert alone[section][key] == value or isinstance(value, dict), (section, key)
+    assert _within(yaml.safe_load(config.read_text()), alone)  # what the file sets is what the parser resolved
     assert stacked["trainer"]["limit_train_batches"] == 20
 
 
@@ -104,12 +110,27 @@ def test_checkpoint_loads_with_weights_only(debug_run: Path) -> None:
         assert torch.equal(model(images), expected)
 
 
-def test_test_subcommand_evaluates_the_checkpoint(debug_run: Path, mnist_dir: Path) -> None:
-    best = next((debug_run / "lightning_logs" / "version_0" / "checkpoints").glob("epoch*.ckpt"))
+def test_test_subcommand_lands_in_the_checkpoints_run(debug_run: Path, mnist_dir: Path) -> None:
+    run = debug_run / "lightning_logs" / "version_0"
+    best = next((run / "checkpoints").glob("epoch*.ckpt"))
+    config_before = (run / "config.yaml").read_text()
     result = run_cli("test", "--data.data_dir", str(mnist_dir), "--ckpt_path", str(best), cwd=debug_run)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test/acc" in result.stdout
-    runs = sorted((debug_run / "lightning_logs").iterdir())
-    test_acc = read_scalars(runs[-1])["test/acc"][-1]
-    fit_val_acc = read_scalars(runs[0])["val/acc"][-1]
-    assert abs(test_acc - fit_val_acc) < 0.05  # same weights, another sample of the same distribution
+    assert [p.name for p in (debug_run / "lightning_logs").iterdir()] == ["version_0"]  # no new run
+    assert (run / "config.yaml").read_text() == config_before and (run / "config.test.yaml").is_file()
+    scalars = read_scalars(run)
+    assert abs(scalars["test/acc"][-1] - scalars["val/acc"][-1]) < 0.05  # same weights, same distribution
+
+
+def test_consecutive_runs_get_their_own_directories(tmp_path: Path, tiny_idx: Path) -> None:
+    tmp_path = tmp_path / "work"
+    tmp_path.mkdir()
+    for _ in range(2):
+        result = run_cli("fit", "-c", str(REPO / "configs" / "debug.yaml"), "--data.data_dir", str(tiny_idx),
+                         "--data.val_size", "50", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p.name for p in (tmp_path / "lightning_logs").iterdir())
+    assert runs == ["version_0", "version_1"]
+    assert all((tmp_path / "lightning_logs" / r / "checkpoints" / "last.ckpt").is_file() for r in runs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lightning_logs"]  # nothing in the working directory

@@ -1,0 +1,63 @@
+"""One run, one directory: claim ``<runs_dir>/version_N`` and point every tracker and checkpoint into it.
+
+Lightning lets each logger pick its own folder and version, so two trackers in one run can disagree (TensorBoard
+in ``version_3``, CSV in ``version_4``) and W&B writes ``./config.yaml`` and ``./wandb`` in the working directory.
+Here the CLI claims the run directory first and every logger writes inside it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+
+_VERSION = re.compile(r"version_(\d+)$")
+# Written in a logger's arguments (``save_dir: "{run_dir}"``), stands for this run's directory.
+RUN_DIR_TOKEN = "{run_dir}"
+
+
+def claim_run_dir(runs_dir: Path) -> Path:
+    """Create and return ``runs_dir/version_N`` for the lowest free N.
+
+    ``mkdir`` either creates the directory or fails because it exists, atomically, so two runs started at the same
+    instant never share a directory.
+    """
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    taken = [int(m.group(1)) for p in runs_dir.iterdir() if (m := _VERSION.match(p.name))]
+    n = max(taken, default=-1) + 1
+    while True:
+        try:
+            (runs_dir / f"version_{n}").mkdir()
+            return runs_dir / f"version_{n}"
+        except FileExistsError:
+            n += 1
+
+
+def run_dir_of(ckpt_path: str | None) -> Path | None:
+    """The run directory a checkpoint was written in (``<run>/checkpoints/x.ckpt``), if it is one of ours."""
+    if not ckpt_path:
+        return None
+    run = Path(ckpt_path).resolve().parent.parent
+    return run if (run / "config.yaml").is_file() else None
+
+
+def logger_configs(logger: Any) -> list[Namespace]:
+    """The ``class_path``/``init_args`` entries of ``trainer.logger`` (one, a list, or none)."""
+    entries = logger if isinstance(logger, list) else [logger]
+    return [entry for entry in entries if isinstance(entry, Namespace) and "class_path" in entry]
+
+
+def place_in_run(config: Namespace, run_dir: Path) -> None:
+    """Point the trainer, the loggers' ``{run_dir}`` or unset (null) ``save_dir``, and the checkpoints at ``run_dir``."""
+    config.trainer.default_root_dir = str(run_dir)
+    for logger in logger_configs(config.trainer.logger):
+        init_args = logger.get("init_args") or Namespace()
+        for key, value in init_args.items():
+            if isinstance(value, str) and RUN_DIR_TOKEN in value:
+                init_args[key] = value.replace(RUN_DIR_TOKEN, str(run_dir))
+        if "save_dir" in init_args and init_args.save_dir is None:
+            init_args.save_dir = str(run_dir)
+    if config.checkpoint.dirpath is None:
+        config.checkpoint.dirpath = str(run_dir / "checkpoints")
