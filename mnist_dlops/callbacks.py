@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytorch_lightning as pl
+import yaml
 from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.trainer.states import TrainerFn
 
@@ -40,6 +41,7 @@ class RunConfigSaver(SaveConfigCallback):
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Log the full config (trainer, model, data, checkpoint) to every tracker, not only the model's arguments."""
-        config = self.config.as_dict()
+        # Round-trip through the YAML dump: plain values only (no Path objects), exactly what config.yaml holds.
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
             logger.log_hyperparams(config)

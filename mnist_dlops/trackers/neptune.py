@@ -1,0 +1,169 @@
+"""A Lightning logger over the neptune 1.x client: offline by default, flushed as it goes.
+
+Lightning 2.6.4 removed its ``NeptuneLogger``, and Neptune's hosted service shut down in March 2026. The 1.x client
+still records runs offline (``<run>/.neptune/offline/run__*/data-*.log``, one JSON operation per line) and can
+send them to a self-hosted Neptune-compatible server with ``neptune sync`` or ``mode: async``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from argparse import Namespace
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.loggers.logger import Logger, rank_zero_experiment
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+
+@contextmanager
+def _data_directory(path: Path):
+    """Point the client's on-disk queue at ``path`` while it opens a run (it reads the variable then)."""
+    previous = os.environ.get("NEPTUNE_DATA_DIRECTORY")
+    os.environ["NEPTUNE_DATA_DIRECTORY"] = str(path)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("NEPTUNE_DATA_DIRECTORY")
+        else:
+            os.environ["NEPTUNE_DATA_DIRECTORY"] = previous
+
+
+def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to ``a/b/c`` keys; values Neptune cannot store (None, lists) become strings."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{path}/"))
+        else:
+            flat[path] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
+
+
+class NeptuneLogger(Logger):
+    """Logs hyperparameters, metrics, tags, images and the best and last checkpoints to a Neptune run."""
+
+    def __init__(
+        self,
+        save_dir: str = "{run_dir}",
+        project: Optional[str] = None,
+        api_token: Optional[str] = None,
+        mode: Literal["offline", "async", "sync", "debug"] = "offline",
+        name: Optional[str] = None,
+        tags: Optional[list[str]] = None,
+        flush_interval: float = 10.0,
+        upload_checkpoints: bool = True,
+    ) -> None:
+        """
+        Args:
+            save_dir: Folder for the offline data (``.neptune/`` inside it); ``{run_dir}`` is this run's directory.
+            project: ``workspace/project`` on a Neptune server (needed by the online modes).
+            api_token: Token for that server; read from ``NEPTUNE_API_TOKEN`` when null.
+            mode: ``offline`` writes to disk only (send later with ``neptune sync``); ``async``/``sync`` talk to
+                the server; ``debug`` keeps everything in memory.
+            name: Display name of the run.
+            tags: Tags of the run.
+            flush_interval: At most this many seconds of logged data sit in memory before being written out.
+            upload_checkpoints: Upload the best and the last checkpoint when the run ends.
+        """
+        super().__init__()
+        self._save_dir, self._project, self._api_token, self._mode = save_dir, project, api_token, mode
+        self._name, self._tags = name, tags or []
+        self._flush_interval, self._upload_checkpoints = flush_interval, upload_checkpoints
+        self._run = None
+        self._last_flush = time.monotonic()
+        self._checkpoint_callback: Optional[Checkpoint] = None
+
+    @property
+    def name(self) -> str:
+        return "neptune"
+
+    @property
+    def version(self) -> str:
+        return self._custom_run_id()
+
+    @property
+    def save_dir(self) -> str:
+        return self._save_dir
+
+    @property
+    def log_dir(self) -> str:
+        return self._save_dir
+
+    def _custom_run_id(self) -> str:
+        """A stable id for this run directory, so that a later ``test`` or resume continues the same Neptune run."""
+        id_file = Path(self._save_dir, ".neptune", "custom_run_id")
+        if not id_file.is_file():
+            id_file.parent.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(f"mnist-dlops-{uuid.uuid4().hex[:16]}")
+        return id_file.read_text().strip()
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        """The ``neptune.Run``."""
+        if self._run is None:
+            import neptune
+
+            with _data_directory(Path(self._save_dir, ".neptune")):
+                self._run = neptune.init_run(
+                    project=self._project,
+                    api_token=self._api_token,
+                    mode=self._mode,
+                    name=self._name,
+                    tags=self._tags,
+                    custom_run_id=self._custom_run_id(),
+                    source_files=[],  # the config snapshot is logged as parameters and the provenance as files
+                    capture_hardware_metrics=False,
+                    capture_stdout=False,
+                    capture_stderr=False,
+                    git_ref=False,
+                )
+        return self._run
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Union[dict[str, Any], Namespace]) -> None:
+        params = vars(params) if isinstance(params, Namespace) else params
+        for key, value in _flatten(params).items():
+            self.experiment[f"parameters/{key}"] = value
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        for key, value in metrics.items():
+            self.experiment[key].append(float(value), step=step)
+
+    @rank_zero_only
+    def log_image(self, key: str, image: Any, step: Optional[int] = None) -> None:
+        """Append an image (PIL image, matplotlib figure or array) to the series ``key``."""
+        from neptune.types import File
+
+        self.experiment[key].append(File.as_image(image), step=step)
+
+    def after_save_checkpoint(self, checkpoint_callback: Checkpoint) -> None:
+        self._checkpoint_callback = checkpoint_callback
+
+    @rank_zero_only
+    def save(self) -> None:
+        """Write what is queued to disk (or the server) at most every ``flush_interval`` seconds."""
+        if self._run is not None and time.monotonic() - self._last_flush >= self._flush_interval:
+            self._run.wait()
+            self._last_flush = time.monotonic()
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        if self._run is None:
+            return
+        callback = self._checkpoint_callback
+        if self._upload_checkpoints and callback is not None:
+            for label, path in (("best", callback.best_model_path), ("last", getattr(callback, "last_model_path", ""))):
+                if path and Path(path).is_file():
+                    self._run[f"checkpoints/{label}"].upload(path, wait=True)
+        self._run["status"] = status
+        self._run.stop()
+        self._run = None

@@ -1,0 +1,111 @@
+"""Weights & Biases, offline-first: online only when W&B is configured and its server answers; never a long wait."""
+
+from __future__ import annotations
+
+import netrc
+import os
+import socket
+from pathlib import Path
+from typing import Literal, Optional
+from urllib.parse import urlparse
+
+from pytorch_lightning.loggers import WandbLogger as LightningWandbLogger
+from pytorch_lightning.loggers.logger import rank_zero_experiment
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+
+
+def wandb_configured() -> bool:
+    """Whether the user set W&B up: ``WANDB_MODE``, ``WANDB_API_KEY``, or a ``wandb login`` entry in ~/.netrc."""
+    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL)).hostname
+    try:
+        return netrc.netrc().authenticators(host or "") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def server_reachable(timeout: float) -> bool:
+    """Whether a TCP connection to the W&B server opens within ``timeout`` seconds."""
+    url = urlparse(os.environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def previous_run_id(save_dir: str) -> Optional[str]:
+    """The id of the W&B run already in this run directory (``wandb/*run-<id>/``), to continue it."""
+    runs = sorted(Path(save_dir, "wandb").glob("*run-*-*"), key=lambda p: p.stat().st_mtime)
+    return runs[-1].name.rsplit("-", 1)[-1] if runs else None
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's W&B logger, writing into the run directory, offline unless W&B is configured and reachable.
+
+    Offline runs live in ``<run>/wandb/offline-run-*``; upload one later with ``wandb sync <that folder>``.
+    A ``test``/resume of the same run continues the same W&B run id.
+    """
+
+    def __init__(
+        self,
+        project: str = "mnist-dlops",
+        name: Optional[str] = None,
+        tags: Optional[list[str]] = None,
+        notes: Optional[str] = None,
+        save_dir: str = "{run_dir}",
+        mode: Literal["auto", "online", "offline"] = "auto",
+        connect_timeout: float = 5.0,
+        log_model: bool = False,
+    ) -> None:
+        """
+        Args:
+            project: W&B project the run belongs to.
+            name: Display name of the run (W&B picks one when null).
+            tags: Tags shown and filterable in W&B.
+            notes: A free-text description of the run.
+            save_dir: Folder for W&B's files; ``{run_dir}`` is this run's directory.
+            mode: ``auto`` is online when W&B is configured (API key, ``wandb login`` or ``WANDB_MODE``) and its
+                server answers within ``connect_timeout``, offline otherwise; ``online``/``offline`` force it.
+            connect_timeout: Seconds to wait for the W&B server before falling back to offline.
+            log_model: Upload checkpoints as W&B artifacts (online only).
+        """
+        super().__init__(
+            name=name,
+            project=project,
+            save_dir=save_dir,
+            tags=tags,
+            notes=notes,
+            log_model=log_model,
+            settings={"init_timeout": 30.0},
+        )
+        self._mode, self._connect_timeout = mode, connect_timeout
+
+    def _resolve_mode(self) -> str:
+        """The mode to start W&B in, falling back to offline (with a one-line warning) when it cannot be reached."""
+        if self._mode == "offline" or (self._mode == "auto" and not wandb_configured()):
+            return "offline"
+        if os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled"):
+            return os.environ["WANDB_MODE"]
+        if not server_reachable(self._connect_timeout):
+            rank_zero_warn("W&B server not reachable: logging offline (upload later with `wandb sync`).")
+            return "offline"
+        return "online"
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is None:
+            self._wandb_init["mode"] = self._resolve_mode()
+            self._wandb_init["id"] = self._wandb_init.get("id") or previous_run_id(self._save_dir)
+            if self._wandb_init["mode"] == "online":
+                try:
+                    return super().experiment
+                except Exception as err:  # a bad key or a server error: keep the run going offline
+                    rank_zero_warn(f"W&B online start failed ({err.__class__.__name__}): logging offline instead.")
+                    self._wandb_init["mode"] = "offline"
+        return super().experiment
