@@ -84,4 +84,7 @@ def cli_main(args: ArgsType = None) -> None:
                 auto_configure_optimizers=False,
             )
     finally:
-        os.environ.pop(RUN_DIR_ENV, None)  # one run per call, also when called from Python
+        # One run per call, also when called from Python; a run that failed before writing anything leaves no trace.
+        run_dir = os.environ.pop(RUN_DIR_ENV, None)
+        if run_dir and Path(run_dir).is_dir() and not any(Path(run_dir).iterdir()):
+            Path(run_dir).rmdir()

@@ -96,9 +96,13 @@ class MNISTModule(pl.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
-        # Training logs the running loss per step; evaluation logs the epoch mean, weighted by batch size.
+        # Training logs the running loss per step; evaluation logs the epoch mean, weighted by batch size and
+        # averaged over processes under DDP (one reduction per epoch, none per step).
         train = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=not train, prog_bar=True, batch_size=len(labels))
+        self.log(
+            f"{stage}/loss", loss, on_step=train, on_epoch=not train, prog_bar=True, batch_size=len(labels),
+            sync_dist=not train,
+        )
         metrics = getattr(self, f"{stage}_metrics")
         # Binary metrics want the positive class's probability; the multiclass ones take the logits.
         metrics.update(logits.detach().softmax(-1)[:, 1] if self.binary else logits.detach(), labels)

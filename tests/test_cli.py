@@ -134,3 +134,14 @@ def test_consecutive_runs_get_their_own_directories(tmp_path: Path, tiny_idx: Pa
     assert runs == ["version_0", "version_1"]
     assert all((tmp_path / "lightning_logs" / r / "checkpoints" / "last.ckpt").is_file() for r in runs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lightning_logs"]  # nothing in the working directory
+
+
+def test_ddp_on_cpu_shares_one_run_directory(tmp_path: Path, tiny_idx: Path) -> None:
+    """Lightning's DDP launcher re-runs the CLI per process: all of them must write into the one claimed run."""
+    result = run_cli(
+        "fit", "-c", str(REPO / "configs" / "debug.yaml"), "--data.data_dir", str(tiny_idx), "--data.val_size", "50",
+        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
+    assert (tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
