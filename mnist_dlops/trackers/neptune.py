@@ -77,6 +77,7 @@ class NeptuneLogger(Logger):
         self._name, self._tags = name, tags or []
         self._flush_interval, self._upload_checkpoints = flush_interval, upload_checkpoints
         self._run = None
+        self._run_id: Optional[str] = None
         self._last_flush = time.monotonic()
         self._checkpoint_callback: Optional[Checkpoint] = None
 
@@ -98,11 +99,13 @@ class NeptuneLogger(Logger):
 
     def _custom_run_id(self) -> str:
         """A stable id for this run directory, so that a later ``test`` or resume continues the same Neptune run."""
-        id_file = Path(self._save_dir, ".neptune", "custom_run_id")
-        if not id_file.is_file():
-            id_file.parent.mkdir(parents=True, exist_ok=True)
-            id_file.write_text(f"mnist-dlops-{uuid.uuid4().hex[:16]}")
-        return id_file.read_text().strip()
+        if self._run_id is None:  # read (or created) once: Lightning asks for ``version`` repeatedly
+            id_file = Path(self._save_dir, ".neptune", "custom_run_id")
+            if not id_file.is_file():
+                id_file.parent.mkdir(parents=True, exist_ok=True)
+                id_file.write_text(f"mnist-dlops-{uuid.uuid4().hex[:16]}")
+            self._run_id = id_file.read_text().strip()
+        return self._run_id
 
     @property
     @rank_zero_experiment
@@ -119,7 +122,7 @@ class NeptuneLogger(Logger):
                     name=self._name,
                     tags=self._tags,
                     custom_run_id=self._custom_run_id(),
-                    source_files=[],  # the config snapshot is logged as parameters and the provenance as files
+                    source_files=[],  # no source snapshot: the resolved config is logged as parameters
                     capture_hardware_metrics=False,
                     capture_stdout=False,
                     capture_stderr=False,
