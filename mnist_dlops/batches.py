@@ -6,7 +6,8 @@ small network's step on a CPU; slicing a whole batch out of a resident uint8 ten
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -48,19 +49,45 @@ class EpochOrder:
 
 
 class TensorBatches:
-    """Iterates ``(images, labels)`` batches of one split held in memory; the last batch may be short."""
+    """Iterates ``(images, labels)`` batches of one split held in memory; the last batch may be short.
+
+    Resumable mid-epoch: the order of an epoch is a function of (seed, epoch), so continuing one only needs to know
+    how many of its batches were done. ``start_batch`` tells that when an epoch's iteration begins (the training
+    loop's own count, which Lightning restores from the checkpoint; prefetching makes the loader's count wrong).
+    """
 
     batch_sampler = None  # DataLoader's attribute, read by Lightning; batches here are slices, not sampled lists
 
-    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, order: EpochOrder) -> None:
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        order: EpochOrder,
+        start_batch: Optional[Callable[[], int]] = None,
+    ) -> None:
         self.images, self.labels, self.batch_size = images, labels, batch_size
         self.sampler = order  # named like DataLoader's attribute so that Lightning calls set_epoch on it
+        self.start_batch = start_batch
 
     def __len__(self) -> int:
         return -(-len(self.sampler) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         indices = self.sampler.indices()
-        for start in range(0, len(indices), self.batch_size):
+        first = self.start_batch() if self.start_batch else 0
+        for start in range(first * self.batch_size, len(indices), self.batch_size):
             idx = indices[start : start + self.batch_size]
             yield self.images[idx], self.labels[idx]
+
+    def state_dict(self) -> dict[str, Any]:
+        """What fixes the order: a resumed run must shuffle the same data with the same seed."""
+        return {"seed": self.sampler.seed, "size": self.sampler.size, "world_size": self.sampler.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Refuse to continue an epoch whose order would differ from the one the checkpoint was taken in."""
+        mine = self.state_dict()
+        changed = {k: (v, mine[k]) for k, v in state.items() if k in mine and mine[k] != v}
+        if changed:
+            what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            raise ValueError(f"cannot resume mid-epoch: the training data order changed ({what})")

@@ -8,13 +8,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pytorch_lightning.callbacks import ModelCheckpoint
+from jsonargparse import Namespace
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from mnist_dlops.callbacks import RunConfigSaver
+from mnist_dlops.callbacks import ResumeState, RunConfigSaver
+from mnist_dlops.checkpoints import CheckpointError, RunCheckpoint
 from mnist_dlops.data import MNISTDataModule
 from mnist_dlops.module import MNISTModule
-from mnist_dlops.rundir import claim_run_dir, place_in_run, run_dir_of
+from mnist_dlops.predictions import PredictionCSV
+from mnist_dlops.restore import restore_from_checkpoint
+from mnist_dlops.rundir import claim_run_dir, place_in_run, run_dir_of, unplace
 from mnist_dlops.sources import DataError
 
 # Lightning's DDP launcher re-runs this script once per extra process; they inherit the run directory through it.
@@ -31,7 +35,7 @@ class MNISTCLI(LightningCLI):
         # The network's output size and the plots' labels follow the data module's task: set once, there.
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         # Checkpointing is always on and configurable as `checkpoint.*`: the best by val/loss, plus last.ckpt.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
@@ -44,11 +48,21 @@ class MNISTCLI(LightningCLI):
                 # The run config saver logs the whole config to every tracker, the model's arguments included.
                 "trainer.enable_autolog_hparams": False,
                 "trainer.logger": {
-                    "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+                    "class_path": "mnist_dlops.trackers.tensorboard.TensorBoardLogger",
                     "init_args": {"save_dir": "{run_dir}", "name": "", "version": ""},
                 },
             }
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse, starting from the configuration stored in the ``--ckpt_path`` checkpoint when one is given."""
+        if isinstance(args, (dict, Namespace)):
+            self.config = parser.parse_object(args)
+        else:
+            self.config = parser.parse_args(restore_from_checkpoint(list(sys.argv[1:] if args is None else args)))
+
+    def _parse_ckpt_path(self) -> None:
+        """Done before parsing by ``parse_arguments``; Lightning's version would override the user's flags."""
 
     def before_instantiate_classes(self) -> None:
         """Give this run its directory before any logger or checkpoint callback exists."""
@@ -58,17 +72,40 @@ class MNISTCLI(LightningCLI):
         run_dir = os.environ.get(RUN_DIR_ENV) or run_dir_of(config.get("ckpt_path"))
         run_dir = Path(run_dir) if run_dir else claim_run_dir(Path(config.runs_dir))
         os.environ[RUN_DIR_ENV] = str(run_dir)
+        self._as_given = config.clone()
         place_in_run(config, run_dir)
+
+    def after_instantiate_classes(self) -> None:
+        """Keep the config as the user gave it (``{run_dir}``, no run paths): what config.yaml and checkpoints hold.
+
+        Re-running a saved config then starts a new run, and resuming puts it back into the checkpoint's run.
+        """
+        if self.subcommand is not None:
+            unplace(self.config[self.subcommand], self._as_given)
 
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the errors a user can fix (bad data files, ...) into one ``error:`` line and exit status 1."""
+    """Turn the errors a user can fix into one ``error:`` line: exit 1 for data, 2 for a bad checkpoint argument.
+
+    SIGTERM (preemption) exits 143 like an unhandled SIGTERM would, after saving ``last.ckpt``, so that a scheduler
+    can tell it from success.
+    """
     try:
         yield
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except SIGTERMException:
+        run_dir = os.environ.get(RUN_DIR_ENV, "<run>")
+        print(
+            f"stopped by SIGTERM; resume with: python cli.py fit --ckpt_path {run_dir}/checkpoints/last.ckpt",
+            file=sys.stderr,
+        )
+        sys.exit(143)
 
 
 def cli_main(args: ArgsType = None) -> None:
@@ -81,6 +118,7 @@ def cli_main(args: ArgsType = None) -> None:
                 args=args,
                 seed_everything_default=42,
                 save_config_callback=RunConfigSaver,
+                trainer_defaults={"callbacks": [ResumeState(), PredictionCSV()]},
                 auto_configure_optimizers=False,
             )
     finally:

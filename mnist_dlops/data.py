@@ -13,7 +13,7 @@ from torch import Tensor
 
 from mnist_dlops.batches import EpochOrder, TensorBatches
 from mnist_dlops.download import DEFAULT_MIRRORS, ensure_mnist
-from mnist_dlops.sources import DataError, read_idx_split, read_png_split
+from mnist_dlops.sources import DataError, read_idx_split, read_png_folder, read_png_split
 
 Digit = Literal[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
 
@@ -33,6 +33,7 @@ class MNISTDataModule(pl.LightningDataModule):
         eval_batch_size: PositiveInt = 1000,
         download: bool = True,
         mirrors: Sequence[str] = DEFAULT_MIRRORS,
+        predict_dir: Optional[str] = None,
     ) -> None:
         """
         Args:
@@ -48,6 +49,8 @@ class MNISTDataModule(pl.LightningDataModule):
             eval_batch_size: Batch size for validation, test and predict (no gradients, so larger is faster).
             download: Download the IDX files into ``data_dir`` when they are missing.
             mirrors: Base URLs tried in order for the download; every file's MD5 is checked before use.
+            predict_dir: Folder of PNG digits (any size; searched recursively) for ``predict``; without it, ``predict``
+                runs on the MNIST test split. Files under a folder named by a class are scored against that class.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -56,7 +59,10 @@ class MNISTDataModule(pl.LightningDataModule):
         self.val_size, self.seed = val_size, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.download, self.mirrors = download, list(mirrors)
+        self.predict_dir = Path(predict_dir) if predict_dir else None
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        # What each prediction is of, in order: a file path, or ``test[i]`` for the MNIST test split.
+        self.predict_names: list[str] = []
 
     @property
     def class_names(self) -> list[str]:
@@ -84,8 +90,23 @@ class MNISTDataModule(pl.LightningDataModule):
             train_idx, val_idx = order[: -self.val_size], order[-self.val_size :]
             self.splits["train"] = (images[train_idx], labels[train_idx])
             self.splits["val"] = (images[val_idx], labels[val_idx])
-        if stage in ("test", "predict") and "test" not in self.splits:
-            self.splits["test"] = self._read("test")
+        if stage == "test" or (stage == "predict" and self.predict_dir is None):
+            if "test" not in self.splits:
+                self.splits["test"] = self._read("test")
+        if stage == "predict":
+            self._setup_predict()
+
+    def _setup_predict(self) -> None:
+        """The images to predict: the PNG folder, labeled by class-named parent folders (-1: unknown), or test."""
+        if self.predict_dir is None:
+            self.splits["predict"] = self.splits["test"]
+            self.predict_names = [f"test[{i}]" for i in range(len(self.splits["test"][1]))]
+            return
+        images, files = read_png_folder(self.predict_dir)
+        class_of = {**self._png_classes(), **{name: i for i, name in enumerate(self.class_names)}}
+        labels = torch.tensor([class_of.get(f.parent.name, -1) for f in files], dtype=torch.int64)
+        self.splits["predict"] = (images.unsqueeze(1).contiguous(), labels)
+        self.predict_names = [str(f) for f in files]
 
     def _read(self, split: str) -> tuple[Tensor, Tensor]:
         """Read one split as (uint8 [N, 1, 28, 28], int64 [N]) with the task's labels."""
@@ -114,7 +135,14 @@ class MNISTDataModule(pl.LightningDataModule):
         images, labels = self.splits[split]
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         order = EpochOrder(len(labels), shuffle=train, seed=self.seed, rank=rank, world_size=world, even=train)
-        return TensorBatches(images, labels, self.batch_size if train else self.eval_batch_size, order)
+        start = self._batches_done if train else None
+        return TensorBatches(images, labels, self.batch_size if train else self.eval_batch_size, order, start)
+
+    def _batches_done(self) -> int:
+        """Training batches already done in the current epoch: 0, or more when resuming from a mid-epoch checkpoint."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
     def train_dataloader(self) -> TensorBatches:
         return self._loader("train", train=True)
@@ -126,4 +154,4 @@ class MNISTDataModule(pl.LightningDataModule):
         return self._loader("test", train=False)
 
     def predict_dataloader(self) -> TensorBatches:
-        return self._loader("test", train=False)
+        return self._loader("predict", train=False)

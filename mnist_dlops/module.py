@@ -84,6 +84,8 @@ class MNISTModule(pl.LightningModule):
         self.binary = len(self.class_names) == 2
         # One collection per stage (attributes, not a dict: nn.Module reserves the key "train").
         self.train_metrics = make_metrics(len(self.class_names), "train/")
+        # Part of the checkpoint, so that a run resumed mid-epoch reports the same epoch metrics as an uninterrupted one.
+        self.train_metrics.persistent(True)
         self.val_metrics = make_metrics(len(self.class_names), "val/")
         self.test_metrics = make_metrics(len(self.class_names), "test/")
 

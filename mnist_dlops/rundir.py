@@ -49,6 +49,10 @@ def logger_configs(logger: Any) -> list[Namespace]:
     return [entry for entry in entries if isinstance(entry, Namespace) and "class_path" in entry]
 
 
+# The config keys ``place_in_run`` fills in.
+PLACED_KEYS = ("trainer.default_root_dir", "trainer.logger", "checkpoint.dirpath")
+
+
 def place_in_run(config: Namespace, run_dir: Path) -> None:
     """Point the trainer, the loggers' ``{run_dir}`` or unset (null) ``save_dir``, and the checkpoints at ``run_dir``."""
     config.trainer.default_root_dir = str(run_dir)
@@ -61,3 +65,9 @@ def place_in_run(config: Namespace, run_dir: Path) -> None:
             init_args.save_dir = str(run_dir)
     if config.checkpoint.dirpath is None:
         config.checkpoint.dirpath = str(run_dir / "checkpoints")
+
+
+def unplace(config: Namespace, as_given: Namespace) -> None:
+    """Put back the values ``place_in_run`` replaced, in place, from a copy taken before it."""
+    for key in PLACED_KEYS:
+        config[key] = as_given[key]

@@ -42,7 +42,7 @@ def test_every_config_parses_alone_and_stacked(config: Path, capsys: pytest.Capt
 def test_default_experiment_is_the_fast_cnn_with_tensorboard(capsys: pytest.CaptureFixture) -> None:
     config = yaml.safe_load(_print_config(capsys))
     assert config["model"]["network"]["class_path"] == "mnist_dlops.networks.FastCNN"
-    assert config["trainer"]["logger"]["class_path"] == "pytorch_lightning.loggers.TensorBoardLogger"
+    assert config["trainer"]["logger"]["class_path"] == "mnist_dlops.trackers.tensorboard.TensorBoardLogger"
     assert config["checkpoint"]["monitor"] == "val/loss" and config["checkpoint"]["save_last"] is True
     assert "class_names" not in config["model"]  # derived from the data module, never set by hand
 

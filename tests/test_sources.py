@@ -92,13 +92,37 @@ def test_png_tree_reads_digits_by_folder(tmp_path: Path) -> None:
     assert np.array_equal(images.numpy(), expected_images[order])
 
 
-def test_png_of_any_size_and_mode_becomes_28x28_gray(tmp_path: Path) -> None:
+def test_png_of_any_size_and_mode_becomes_an_mnist_digit(tmp_path: Path) -> None:
+    """A dark stroke on white paper, off-center in a 56x40 RGB image, becomes MNIST-like: white on black, centered."""
+    from PIL import ImageDraw
+
     folder = tmp_path / "pngs" / "train" / "7"
     folder.mkdir(parents=True)
-    Image.new("RGB", (56, 40), (255, 255, 255)).save(folder / "big.png")
+    img = Image.new("RGB", (56, 40), (255, 255, 255))
+    ImageDraw.Draw(img).rectangle((4, 2, 11, 37), fill=(0, 0, 0))  # a "1" near the left edge
+    img.save(folder / "big.png")
     images, labels = read_png_split(tmp_path / "pngs", "train", DIGITS)
     assert images.shape == (1, 28, 28) and labels.tolist() == [7]
-    assert int(images.min()) == 255
+    digit = images[0].double()
+    assert digit.max() > 200 and digit[0].sum() == digit[-1].sum() == 0  # inverted; the border is black
+    rows, cols = torch.nonzero(digit > 32, as_tuple=True)
+    assert int(rows.max() - rows.min()) + 1 <= 20  # fitted into MNIST's 20x20 box
+    cy = (digit.sum(1) * torch.arange(28)).sum() / digit.sum()
+    cx = (digit.sum(0) * torch.arange(28)).sum() / digit.sum()
+    assert abs(cy - 13.5) < 1 and abs(cx - 13.5) < 1  # centered by its center of mass
+
+
+def test_28x28_mnist_digits_written_as_png_read_back_unchanged(tmp_path: Path, mnist_dir: Path) -> None:
+    images, labels = read_idx_split(mnist_dir, "test")
+    for i in range(20):
+        folder = tmp_path / "pngs" / "test" / str(int(labels[i]))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i].numpy()).save(folder / f"{i:05d}.png")
+    from mnist_dlops.sources import read_png_folder
+
+    read, files = read_png_folder(tmp_path / "pngs")
+    by_name = {int(f.stem): img for f, img in zip(files, read)}
+    assert all(torch.equal(by_name[i], images[i]) for i in range(20))
 
 
 @pytest.mark.parametrize(

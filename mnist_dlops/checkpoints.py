@@ -1,0 +1,126 @@
+"""Checkpoints: written atomically, saved periodically and on preemption, loaded as untrusted files.
+
+A checkpoint is only ever loaded with ``torch.load(weights_only=True)``: plain tensors and values, never code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins import TorchCheckpointIO
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that is missing or cannot be used; the message names the file and what to do."""
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint as plain data (``weights_only=True``), with a one-line error for every kind of bad file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; pass a .ckpt file (e.g. {path}/checkpoints/last.ckpt)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (an interrupted copy or save?); use another checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise CheckpointError(
+                f"{path}: holds Python objects that would run code when loaded; refusing to load it "
+                "(checkpoints of this project hold tensors and plain values only)"
+            ) from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({_first_line(err)})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict in it)")
+    return checkpoint
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in the same folder, fsyncs it, then renames it into place.
+
+    A kill or a full disk at any moment leaves either the previous file or the complete new one, never a torn file.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        # The rename itself is durable only once the folder's entry is on disk.
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (best by a metric + ``last.ckpt``), made safe to kill at any moment.
+
+    Every write is atomic; ``last.ckpt`` is also refreshed every ``last_every_n_train_steps`` steps within an
+    epoch, and on SIGTERM or Ctrl-C, so a crash or a preemption loses little work and always leaves a checkpoint
+    that resumes.
+    """
+
+    def __init__(self, *args: Any, last_every_n_train_steps: int = 100, **kwargs: Any) -> None:
+        """
+        Args:
+            last_every_n_train_steps: Refresh ``last.ckpt`` every this many training steps (0: only at epoch ends).
+        """
+        super().__init__(*args, **kwargs)
+        if last_every_n_train_steps < 0:
+            raise ValueError(f"checkpoint.last_every_n_train_steps={last_every_n_train_steps} must be >= 0")
+        self.last_every_n_train_steps = last_every_n_train_steps
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # Lightning's default IO writes the file in place; swap it for the atomic one unless the user chose another.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        n = self.last_every_n_train_steps
+        if n and self.save_last and trainer.global_step % n == 0 and not self._should_skip_saving_checkpoint(trainer):
+            saved_before = self._last_global_step_saved
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            # A validation at this same step must still save its best-by-metric checkpoint: Lightning skips any save
+            # at a step already saved, so this refresh of last.ckpt does not count as one.
+            self._last_global_step_saved = saved_before
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """On SIGTERM or Ctrl-C, save ``last.ckpt`` at the current step; other errors leave the last good one."""
+        super().on_exception(trainer, pl_module, exception)
+        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or not self.save_last:
+            return
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        rank_zero_info(f"Interrupted at step {trainer.global_step}: saved {self.last_model_path}")

@@ -1,0 +1,135 @@
+"""Export a trained checkpoint for serving without this project: TorchScript and ONNX, each checked against it.
+
+    python -m mnist_dlops.export --ckpt_path best      # or last, a run folder, or a .ckpt file
+
+The exported model takes MNIST images as uint8 ``[N, 1, 28, 28]`` (0-255, white digit on black, as
+``mnist_dlops.sources.to_mnist_image`` makes them) and returns class probabilities ``[N, num_classes]``; the class
+names are written beside it in ``classes.txt``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor, nn
+
+from mnist_dlops.checkpoints import CheckpointError, load_checkpoint
+from mnist_dlops.module import MNIST_MEAN, MNIST_STD, MNISTModule
+from mnist_dlops.restore import checkpoint_config, resolve_ckpt
+
+Format = Literal["torchscript", "onnx"]
+
+
+class Probabilities(nn.Module):
+    """The trained network as served: uint8 images in, class probabilities out (MNISTModule's normalization included).
+
+    A plain ``nn.Module`` around the network: the LightningModule itself carries training machinery (trainer,
+    metrics) that neither tracing nor ONNX should see.
+    """
+
+    def __init__(self, model: MNISTModule) -> None:
+        super().__init__()
+        self.network = model.network
+        self.class_names = list(model.class_names)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.network((images.float() / 255.0 - MNIST_MEAN) / MNIST_STD).softmax(-1)
+
+
+def rebuild(path: Path) -> MNISTModule:
+    """The module a checkpoint was trained as, with its weights (loaded as plain data only)."""
+    checkpoint = load_checkpoint(path)
+    model_config = checkpoint_config(checkpoint, "test", path)["model"]
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(MNISTModule, "model")
+    config = parser.parse_object({"model": {**model_config, "class_names": checkpoint["hyper_parameters"]["class_names"]}})
+    model = parser.instantiate_classes(config).model
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+def sample_images(n: int = 256) -> Tensor:
+    """Inputs to compare the exports on: MNIST-shaped uint8 images, seeded."""
+    return torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def export(
+    ckpt_path: str,
+    formats: list[Format] = ["torchscript", "onnx"],  # noqa: B006 (jsonargparse reads this default; never mutated)
+    out_dir: Optional[str] = None,
+    runs_dir: str = "lightning_logs",
+    tolerance: float = 1e-5,
+) -> dict[str, float]:
+    """Export the checkpoint's network and check that each export gives the checkpoint's outputs.
+
+    Args:
+        ckpt_path: A .ckpt file, a run folder, or ``last``/``best`` of the newest run under ``runs_dir``.
+        formats: Which exports to write: ``torchscript`` (``model.pt``) and/or ``onnx`` (``model.onnx``).
+        out_dir: Where to write them; default ``<run>/export`` beside the checkpoint's folder.
+        runs_dir: Folder of the runs, for ``last``/``best``.
+        tolerance: Largest absolute difference in probabilities allowed between an export and the checkpoint.
+
+    Returns:
+        The largest absolute difference measured, per format.
+    """
+    path = resolve_ckpt(ckpt_path, Path(runs_dir))
+    model = Probabilities(rebuild(path)).eval()
+    out = Path(out_dir) if out_dir else path.resolve().parent.parent / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "classes.txt").write_text("\n".join(model.class_names) + "\n")
+    images = sample_images()
+    with torch.no_grad():
+        # The reference is the checkpoint's module itself, not the wrapper: the wrapper is what is being checked.
+        expected = rebuild(path)(images).softmax(-1)
+    errors: dict[str, float] = {}
+    for fmt in formats:
+        file, outputs = (_torchscript if fmt == "torchscript" else _onnx)(model, images, out)
+        errors[fmt] = float((outputs - expected).abs().max())
+        verdict = "ok" if errors[fmt] <= tolerance else "MISMATCH"
+        print(f"{fmt}: {file} (max |difference| vs checkpoint {errors[fmt]:.2e}, {verdict})")
+        if errors[fmt] > tolerance:
+            raise SystemExit(f"error: the {fmt} export differs from the checkpoint by {errors[fmt]:.2e} > {tolerance}")
+    return errors
+
+
+def _torchscript(model: nn.Module, images: Tensor, out: Path) -> tuple[Path, Tensor]:
+    file = out / "model.pt"
+    with torch.no_grad():
+        torch.jit.save(torch.jit.trace(model, images[:2]), str(file))
+        return file, torch.jit.load(str(file))(images)
+
+
+def _onnx(model: nn.Module, images: Tensor, out: Path) -> tuple[Path, Tensor]:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise SystemExit('error: ONNX export needs onnx, onnxscript and onnxruntime: pip install -e ".[export]"')
+    file = out / "model.onnx"
+    batch = torch.export.Dim("batch")
+    program = torch.onnx.export(
+        model, (images[:2],), dynamic_shapes={"images": {0: batch}}, input_names=["images"], output_names=["probs"]
+    )
+    program.save(str(file))
+    session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    (outputs,) = session.run(None, {"images": images.numpy()})
+    return file, torch.from_numpy(outputs)
+
+
+def main() -> None:
+    """``python -m mnist_dlops.export``: parse the flags of ``export`` and run it, with one-line errors."""
+    from jsonargparse import CLI
+
+    try:
+        CLI(export, as_positional=False)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

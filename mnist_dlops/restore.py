@@ -1,0 +1,104 @@
+"""``--ckpt_path``: find the checkpoint meant (``last``, ``best``, a run folder or a file) and restore its config.
+
+LightningCLI restores the model's arguments from a checkpoint after parsing, over the user's own flags, and not
+the data module's; ``--print_config`` shows the defaults. Here the checkpoint's configuration is put in front of
+the command line as its first ``--config``, so it is what runs and what ``--print_config`` shows, and every
+``--config`` or flag the user gives after it still overrides it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from mnist_dlops.callbacks import STATE_KEY
+from mnist_dlops.checkpoints import CheckpointError, load_checkpoint
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+_VERSION = re.compile(r"version_(\d+)$")
+
+
+def option_value(args: list[str], name: str) -> tuple[Optional[str], Optional[int]]:
+    """The value of ``--name X`` or ``--name=X`` in ``args``, and the index holding it (last one wins)."""
+    value, where = None, None
+    for i, arg in enumerate(args):
+        if arg == f"--{name}" and i + 1 < len(args):
+            value, where = args[i + 1], i + 1
+        elif arg.startswith(f"--{name}="):
+            value, where = arg.split("=", 1)[1], i
+    return value, where
+
+
+def latest_run(runs_dir: Path) -> Path:
+    """The newest training run (highest ``version_N`` with a ``config.yaml``) under ``runs_dir``."""
+    runs = [p for p in runs_dir.glob("version_*") if _VERSION.match(p.name) and (p / "config.yaml").is_file()]
+    if not runs:
+        raise CheckpointError(f"{runs_dir}: no training run to take a checkpoint from (run `python cli.py fit` first)")
+    return max(runs, key=lambda p: int(_VERSION.match(p.name).group(1)))
+
+
+def best_of(last: Path) -> Path:
+    """The best checkpoint recorded by the checkpoint callback in ``last`` (looked up next to it if moved)."""
+    states = load_checkpoint(last).get("callbacks", {}).values()
+    best = next((s["best_model_path"] for s in states if isinstance(s, dict) and s.get("best_model_path")), None)
+    if not best:
+        raise CheckpointError(f"{last}: records no best checkpoint (was it validated?); pass a .ckpt file instead")
+    for candidate in (Path(best), last.parent / Path(best).name):
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(f"{last}: its best checkpoint {best} no longer exists")
+
+
+def resolve_ckpt(value: str, runs_dir: Path) -> Path:
+    """Turn ``last``, ``best``, a run folder or a file path into the checkpoint file it means."""
+    if value in ("last", "best"):
+        run = latest_run(runs_dir)
+    elif Path(value).is_dir() and (Path(value) / "checkpoints").is_dir():
+        run = Path(value)
+    else:
+        return Path(value)
+    last = run / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise CheckpointError(f"{run}: nothing to resume or evaluate, it has no checkpoints/last.ckpt yet")
+    return best_of(last) if value == "best" else last
+
+
+def checkpoint_config(checkpoint: dict[str, Any], subcommand: str, path: Path) -> dict[str, Any]:
+    """The configuration to start from: the whole training config to resume ``fit``; model and data to evaluate."""
+    if subcommand == "fit":
+        if not checkpoint.get("optimizer_states") or "loops" not in checkpoint:
+            raise CheckpointError(f"{path}: holds weights only, nothing to resume training from")
+        saved = checkpoint.get(STATE_KEY, {}).get("config")
+        if saved:
+            config = yaml.safe_load(saved)
+            config.pop("ckpt_path", None)
+            return config
+    model = dict(checkpoint.get("hyper_parameters") or {})
+    data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    if not model or not data:
+        raise CheckpointError(f"{path}: records no model or data configuration; was it written by this project?")
+    for section in (model, data):
+        section.pop("_instantiator", None)
+    # The class names follow the data module's task (a link), never set twice.
+    model.pop("class_names", None)
+    return {"model": model, "data": data}
+
+
+def restore_from_checkpoint(args: list[str]) -> list[str]:
+    """``args`` with ``--ckpt_path`` resolved to a file and that checkpoint's config inserted as the first ``--config``."""
+    sub = next((i for i, arg in enumerate(args) if arg in SUBCOMMANDS), None)
+    if sub is None:
+        return args
+    head, rest = args[: sub + 1], args[sub + 1 :]
+    value, where = option_value(rest, "ckpt_path")
+    if not value or "-h" in rest or "--help" in rest:
+        return args
+    runs_dir = Path(option_value(rest, "runs_dir")[0] or "lightning_logs")
+    path = resolve_ckpt(value, runs_dir)
+    config = checkpoint_config(load_checkpoint(path), args[sub], path)
+    rest = list(rest)
+    rest[where] = str(path) if rest[where] == value else f"--ckpt_path={path}"
+    return [*head, "--config", yaml.safe_dump(config, sort_keys=False), *rest]

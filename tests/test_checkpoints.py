@@ -1,0 +1,157 @@
+"""Checkpoints restore their run: evaluate, predict and export from a checkpoint alone, with one-line errors."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import REPO, run_cli
+
+from mnist_dlops.sources import read_idx_split
+
+
+@pytest.fixture(scope="module")
+def binary_run(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Path:
+    """A short real run of the binary "3 vs not 3" MLP, fully validated, logging to CSV."""
+    cwd = tmp_path_factory.mktemp("binary")
+    result = run_cli(
+        "fit", "-c", str(REPO / "configs/binary.yaml"), "-c", str(REPO / "configs/csv.yaml"),
+        "--data.data_dir", str(mnist_dir), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "150",
+        "--trainer.enable_progress_bar", "false", cwd=cwd,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd
+
+
+def ckpt_of(cwd: Path) -> Path:
+    (best,) = (cwd / "lightning_logs/version_0/checkpoints").glob("epoch*.ckpt")
+    return best
+
+
+def last_value(csv_file: Path, column: str) -> float:
+    return float(pd.read_csv(csv_file)[column].dropna().iloc[-1])
+
+
+def test_validate_from_the_checkpoint_alone_reproduces_the_fit_accuracy(binary_run: Path) -> None:
+    """No config, no --data flags: the binary task, digit and split come back from the checkpoint."""
+    metrics = binary_run / "lightning_logs/version_0/metrics.csv"
+    fit_acc = last_value(metrics, "val/acc")
+    result = run_cli("validate", "--ckpt_path", "best", "--trainer.enable_progress_bar", "false", cwd=binary_run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert last_value(metrics, "val/acc") == pytest.approx(fit_acc, abs=1e-6)
+    assert fit_acc > 0.95
+    saved = yaml.safe_load((binary_run / "lightning_logs/version_0/config.validate.yaml").read_text())
+    assert saved["data"]["task"] == "binary" and saved["model"]["network"]["class_path"].endswith("MLP")
+
+
+def test_print_config_shows_what_the_checkpoint_will_run(binary_run: Path) -> None:
+    result = run_cli("test", "--ckpt_path", str(ckpt_of(binary_run)), "--data.eval_batch_size", "500",
+                     "--print_config", cwd=binary_run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = yaml.safe_load(result.stdout)
+    assert config["data"]["task"] == "binary" and config["data"]["batch_size"] == 64  # from the checkpoint
+    assert config["data"]["eval_batch_size"] == 500  # an explicit flag still wins
+    assert config["model"]["network"]["class_path"] == "mnist_dlops.networks.MLP"
+    assert config["ckpt_path"] == str(ckpt_of(binary_run))
+
+
+@pytest.fixture(scope="module")
+def test_pngs(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Path:
+    """The 10,000 MNIST test digits written as PNG files, one folder per digit."""
+    root = tmp_path_factory.mktemp("pngs")
+    images, labels = read_idx_split(mnist_dir, "test")
+    for i, (image, label) in enumerate(zip(images.numpy(), labels.tolist())):
+        folder = root / str(label)
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:05d}.png")
+    return root
+
+
+def test_predict_on_png_files_reproduces_the_test_accuracy(tmp_path: Path, mnist_dir: Path, test_pngs: Path) -> None:
+    """A 10-class run: `predict` over the test digits as PNGs agrees with `test` on the IDX files."""
+    result = run_cli(
+        "fit", "--data.data_dir", str(mnist_dir), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "60",
+        "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = ckpt_of(tmp_path)
+    tested = run_cli("test", "--ckpt_path", str(ckpt), "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    test_acc = float(next(line for line in tested.stdout.splitlines() if "test/acc" in line).split()[-2])
+
+    result = run_cli("predict", "--ckpt_path", str(ckpt), "--data.predict_dir", str(test_pngs),
+                     "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "lightning_logs/version_0/predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 10_000 and set(rows[0]) == {"file", "predicted", "probability", "true"}
+    assert all(row["true"] == Path(row["file"]).parent.name for row in rows)
+    accuracy = np.mean([row["predicted"] == row["true"] for row in rows])
+    assert accuracy == pytest.approx(test_acc, abs=1e-6)
+    assert f"accuracy on the 10000 images of known class: {accuracy:.4f}" in result.stdout
+    assert all(0.0 < float(row["probability"]) <= 1.0 for row in rows[:100])
+
+
+def test_export_matches_the_checkpoint(binary_run: Path, mnist_dir: Path) -> None:
+    import onnxruntime
+
+    from mnist_dlops.module import MNISTModule
+
+    result = run_cli_module("mnist_dlops.export", "--ckpt_path", "best", cwd=binary_run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    export_dir = binary_run / "lightning_logs/version_0/export"
+    assert (export_dir / "classes.txt").read_text().split("\n")[:2] == ["no 3", "3"]
+
+    # Checked here independently of the exporter's own check, on real digits.
+    images = read_idx_split(mnist_dir, "test")[0][:500].unsqueeze(1)
+    model = MNISTModule.load_from_checkpoint(ckpt_of(binary_run), weights_only=True).eval()
+    with torch.no_grad():
+        expected = model(images).softmax(-1)
+        scripted = torch.jit.load(str(export_dir / "model.pt"))(images)
+    session = onnxruntime.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    (onnx_out,) = session.run(None, {"images": images.numpy()})
+    assert (scripted - expected).abs().max() < 1e-5
+    assert np.abs(onnx_out - expected.numpy()).max() < 1e-5
+
+
+def run_cli_module(module: str, *args: str, cwd: Path):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("fit", "--ckpt_path", "last"), "error: lightning_logs: no training run to take a checkpoint from"),
+        (("fit", "--ckpt_path", "nope.ckpt"), "error: nope.ckpt: no such checkpoint file"),
+        (("test", "--ckpt_path", "best"), "error: lightning_logs: no training run to take a checkpoint from"),
+    ],
+)
+def test_nothing_to_resume_is_one_line_and_no_run(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == message + (
+        " (run `python cli.py fit` first)" if "no training run" in message else ""
+    )
+    assert not (tmp_path / "lightning_logs" / "version_0").exists()
+
+
+def test_a_run_without_last_checkpoint_has_nothing_to_resume(tmp_path: Path) -> None:
+    run = tmp_path / "lightning_logs" / "version_0"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("{}")
+    result = run_cli("fit", "--ckpt_path", "last", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {Path('lightning_logs/version_0')}: nothing to resume or evaluate, " \
+        "it has no checkpoints/last.ckpt yet"

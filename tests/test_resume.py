@@ -1,0 +1,119 @@
+"""Resuming: a run killed mid-epoch and resumed ends exactly like an uninterrupted one; SIGTERM exits non-zero."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import REPO, read_scalars, run_cli
+
+CONFIG = """
+trainer:
+  max_epochs: 3
+  limit_train_batches: 50
+  limit_val_batches: 2
+  log_every_n_steps: 5
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger:
+    - class_path: mnist_dlops.trackers.tensorboard.TensorBoardLogger
+      init_args: {{save_dir: "{{run_dir}}", name: "", version: ""}}
+    - class_path: mnist_dlops.trackers.csv.CSVLogger
+      init_args: {{save_dir: "{{run_dir}}", name: "", version: ""}}
+checkpoint:
+  last_every_n_train_steps: 10
+data:
+  data_dir: {data_dir}
+"""
+
+
+def start_fit(cwd: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "cli.py"), "fit", "-c", "run.yaml", *args],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, ckpt: Path, min_step: int, timeout: float = 300) -> int:
+    """Poll ``ckpt`` until it holds ``min_step`` or more; return its step (the process keeps running)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpt.is_file():
+            step = torch.load(ckpt, weights_only=True)["global_step"]
+            if step >= min_step:
+                return step
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint at step >= {min_step} (process exit code {proc.poll()})")
+
+
+@pytest.fixture
+def runs(tmp_path: Path, mnist_dir: Path) -> tuple[Path, Path]:
+    """Two working directories with the same run config: one to run through, one to interrupt."""
+    dirs = tmp_path / "straight", tmp_path / "interrupted"
+    for d in dirs:
+        d.mkdir()
+        (d / "run.yaml").write_text(CONFIG.format(data_dir=mnist_dir))
+    return dirs
+
+
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(runs: tuple[Path, Path]) -> None:
+    straight, interrupted = runs
+    result = run_cli("fit", "-c", "run.yaml", cwd=straight)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    run = interrupted / "lightning_logs" / "version_0"
+    proc = start_fit(interrupted)
+    step = wait_for_checkpoint(proc, run / "checkpoints" / "last.ckpt", min_step=70)
+    time.sleep(0.3)  # let it log steps past the checkpoint, which the resumed run must not keep twice
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert 70 <= step < 150 and step % 50 != 0, "the kill must land mid-epoch"
+
+    # The documented short form resumes the newest run, in place.
+    result = run_cli("fit", "--ckpt_path", "last", cwd=interrupted)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (interrupted / "lightning_logs").iterdir()) == ["version_0"]
+    assert "Restored all states from the checkpoint at lightning_logs/version_0/checkpoints/last.ckpt" in result.stderr
+    assert (run / "config-1.yaml").is_file()  # the resumed part's config, beside the original
+
+    a = torch.load(straight / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    b = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 150
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key  # bitwise on CPU
+
+    csv_a = pd.read_csv(straight / "lightning_logs/version_0/metrics.csv")
+    csv_b = pd.read_csv(run / "metrics.csv")[csv_a.columns]
+    assert len(csv_a) == 150 // 5 + 3 * 2  # train/loss every 5 steps; per epoch one val row and one train row
+    pd.testing.assert_frame_equal(csv_a, csv_b)
+
+    # TensorBoard, read with its own reader: every step once, values equal to the uninterrupted run's.
+    assert read_scalars(straight / "lightning_logs/version_0") == read_scalars(run)
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_non_zero(runs: tuple[Path, Path]) -> None:
+    _, cwd = runs
+    run = cwd / "lightning_logs" / "version_0"
+    proc = start_fit(cwd)
+    step = wait_for_checkpoint(proc, run / "checkpoints" / "last.ckpt", min_step=20)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, output[-3000:]  # a scheduler must not mistake preemption for success
+    stopped = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert step <= stopped < 150
+    assert f"resume with: python cli.py fit --ckpt_path {Path('lightning_logs/version_0')}/checkpoints/last.ckpt" in output
+
+    result = run_cli("fit", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 150
+    steps = pd.read_csv(run / "metrics.csv").dropna(subset=["train/loss"])["step"].tolist()
+    assert steps == list(range(4, 150, 5))  # no step missing or doubled across the stop
