@@ -53,6 +53,15 @@ class RunConfigSaver(SaveConfigCallback):
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the model graph where a tracker is set to (TensorBoard's ``log_graph``), as autologging would have.
+
+        Here, not in ``setup``: the model must be on its device first.
+        """
+        if trainer.is_global_zero and not trainer.ckpt_path:
+            for logger in trainer.loggers:
+                logger.log_graph(pl_module)
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """Keep the run's whole config in each checkpoint (as YAML text), so that ``fit --ckpt_path`` can resume it."""
         checkpoint.setdefault(STATE_KEY, {})["config"] = self.parser.dump(self.config, skip_none=False)

@@ -45,6 +45,9 @@ class MNISTCLI(LightningCLI):
                 "checkpoint.filename": "epoch{epoch:02d}-val_loss{val/loss:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
                 "trainer.max_epochs": 3,
+                # Confusion matrix, ROC/PR curves and a gallery of mistakes for every tracker; replaced by a config's
+                # own `trainer.callbacks` list (use `callbacks+:` to add to it instead).
+                "trainer.callbacks": [{"class_path": "mnist_dlops.diagnostics.Diagnostics"}],
                 # The run config saver logs the whole config to every tracker, the model's arguments included.
                 "trainer.enable_autolog_hparams": False,
                 "trainer.logger": {

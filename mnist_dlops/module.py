@@ -86,6 +86,8 @@ class MNISTModule(pl.LightningModule):
         self.train_metrics = make_metrics(len(self.class_names), "train/")
         # Part of the checkpoint, so that a run resumed mid-epoch reports the same epoch metrics as an uninterrupted one.
         self.train_metrics.persistent(True)
+        # An input of the right shape and type, for TensorBoard's graph (``log_graph: true``) and the model summary.
+        self.example_input_array = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
         self.val_metrics = make_metrics(len(self.class_names), "val/")
         self.test_metrics = make_metrics(len(self.class_names), "test/")
 
@@ -94,7 +96,8 @@ class MNISTModule(pl.LightningModule):
         x = (images.float() / 255.0 - MNIST_MEAN) / MNIST_STD
         return self.network(x)
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
+        """Loss and logits of a batch, with the stage's loss and metrics logged."""
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
@@ -109,16 +112,18 @@ class MNISTModule(pl.LightningModule):
         # Binary metrics want the positive class's probability; the multiclass ones take the logits.
         metrics.update(logits.detach().softmax(-1)[:, 1] if self.binary else logits.detach(), labels)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=not train)
-        return loss
+        return loss, logits
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+        return self._step(batch, "train")[0]
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Class probabilities of the batch, handed to callbacks (the diagnostics plot them)."""
+        return self._step(batch, "val")[1].detach().softmax(-1)
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Class probabilities of the batch, handed to callbacks (the diagnostics plot them)."""
+        return self._step(batch, "test")[1].detach().softmax(-1)
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Class probabilities ``[N, num_classes]`` of a batch."""

@@ -67,15 +67,16 @@ def resolve_ckpt(value: str, runs_dir: Path) -> Path:
 
 
 def checkpoint_config(checkpoint: dict[str, Any], subcommand: str, path: Path) -> dict[str, Any]:
-    """The configuration to start from: the whole training config to resume ``fit``; model and data to evaluate."""
+    """The configuration to start from: the whole training config to resume ``fit``; to evaluate, the model, the
+    data module, and the run's trackers and callbacks (so results reach the same trackers, with the same plots)."""
+    saved = checkpoint.get(STATE_KEY, {}).get("config")
+    saved = yaml.safe_load(saved) if saved else None
     if subcommand == "fit":
         if not checkpoint.get("optimizer_states") or "loops" not in checkpoint:
             raise CheckpointError(f"{path}: holds weights only, nothing to resume training from")
-        saved = checkpoint.get(STATE_KEY, {}).get("config")
         if saved:
-            config = yaml.safe_load(saved)
-            config.pop("ckpt_path", None)
-            return config
+            saved.pop("ckpt_path", None)
+            return saved
     model = dict(checkpoint.get("hyper_parameters") or {})
     data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     if not model or not data:
@@ -84,7 +85,10 @@ def checkpoint_config(checkpoint: dict[str, Any], subcommand: str, path: Path) -
         section.pop("_instantiator", None)
     # The class names follow the data module's task (a link), never set twice.
     model.pop("class_names", None)
-    return {"model": model, "data": data}
+    config: dict[str, Any] = {"model": model, "data": data}
+    if saved and saved.get("trainer"):
+        config["trainer"] = {key: saved["trainer"][key] for key in ("logger", "callbacks") if key in saved["trainer"]}
+    return config
 
 
 def restore_from_checkpoint(args: list[str]) -> list[str]:

@@ -159,7 +159,7 @@ def test_neptune_flushes_while_running_and_logs_images(tmp_path: Path) -> None:
     logger.save()  # what Lightning calls after logging: the data must be on disk before the run ends
     on_disk = neptune_operations(tmp_path)
     assert any(op["path"] == ["train", "loss"] and op["values"][0]["step"] == 3 for op in on_disk)
-    logger.log_image("plots/digit", Image.new("L", (28, 28), 255), step=3)
+    logger.log_image("plots/digit", [Image.new("L", (28, 28), 255)], step=3)
     logger.finalize("success")
     ops = neptune_operations(tmp_path)
     assert any(op["path"] == ["plots", "digit"] and op["type"] == "LogImages" for op in ops)

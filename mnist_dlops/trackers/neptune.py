@@ -142,11 +142,16 @@ class NeptuneLogger(Logger):
             self.experiment[key].append(float(value), step=step)
 
     @rank_zero_only
-    def log_image(self, key: str, image: Any, step: Optional[int] = None) -> None:
-        """Append an image (PIL image, matplotlib figure or array) to the series ``key``."""
+    def log_image(self, key: str, images: list[Any], step: Optional[int] = None) -> None:
+        """Append images (PIL images, matplotlib figures or ``[H, W, 3]`` arrays) to the file series ``key``."""
+        import numpy as np
         from neptune.types import File
+        from PIL import Image
 
-        self.experiment[key].append(File.as_image(image), step=step)
+        for image in images:
+            # Neptune reads arrays as floats in [0, 1]; a PIL image keeps uint8 pixels as they are.
+            image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+            self.experiment[key].append(File.as_image(image), step=step)
 
     def after_save_checkpoint(self, checkpoint_callback: Checkpoint) -> None:
         self._checkpoint_callback = checkpoint_callback

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
+import numpy as np
 from pytorch_lightning.loggers import TensorBoardLogger as LightningTensorBoardLogger
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from torch import Tensor
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 
 class TensorBoardLogger(LightningTensorBoardLogger):
-    """Lightning's TensorBoard logger, marking where a resumed run restarts.
+    """Lightning's TensorBoard logger, with images and histograms for the diagnostics, and resumable.
 
     A run killed after its last checkpoint has logged steps that the resumed run logs again. On resume this logger
     writes TensorBoard's own restart marker (``SessionLog.START`` at the checkpoint's step), and TensorBoard's
@@ -27,3 +30,15 @@ class TensorBoardLogger(LightningTensorBoardLogger):
         restart = Event(step=int(state["global_step"]), session_log=SessionLog(status=SessionLog.START))
         self.experiment._get_file_writer().add_event(restart)
         self.experiment.flush()
+
+    @rank_zero_only
+    def log_image(self, key: str, images: list[np.ndarray], step: Optional[int] = None) -> None:
+        """Images as ``[H, W, 3]`` uint8 arrays, under ``key`` (``key/1``, ``key/2``... for more than one)."""
+        for i, image in enumerate(images):
+            self.experiment.add_image(key if i == 0 else f"{key}/{i}", image, global_step=step, dataformats="HWC")
+
+    @rank_zero_only
+    def log_histograms(self, tensors: dict[str, Tensor], step: Optional[int] = None) -> None:
+        """One histogram per tensor (the diagnostics send every weight tensor, each epoch)."""
+        for name, values in tensors.items():
+            self.experiment.add_histogram(name, values, global_step=step)

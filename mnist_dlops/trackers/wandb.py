@@ -6,12 +6,16 @@ import netrc
 import os
 import socket
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 from urllib.parse import urlparse
+
+import numpy as np
 
 from pytorch_lightning.loggers import WandbLogger as LightningWandbLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
-from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from pytorch_lightning.utilities.rank_zero import rank_zero_only, rank_zero_warn
+import torch
+from torch import Tensor
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 
@@ -109,3 +113,37 @@ class WandbLogger(LightningWandbLogger):
                     rank_zero_warn(f"W&B online start failed ({err.__class__.__name__}): logging offline instead.")
                     self._wandb_init["mode"] = "offline"
         return super().experiment
+
+    @rank_zero_only
+    def log_histograms(self, tensors: dict[str, Tensor], step: Optional[int] = None) -> None:
+        """One W&B histogram per tensor."""
+        import wandb
+
+        self.log_metrics({name: wandb.Histogram(values.numpy()) for name, values in tensors.items()}, step)
+
+    @rank_zero_only
+    def log_classification(
+        self, stage: str, probs: np.ndarray, labels: np.ndarray, class_names: list[str], step: Optional[int] = None
+    ) -> None:
+        """W&B's own interactive plots: its confusion matrix, and the ROC and PR curves as W&B line series."""
+        import wandb
+
+        from mnist_dlops.diagnostics import pr_curves, roc_curves
+
+        def series(curves, title: str, xname: str) -> Any:
+            # At most 200 points a curve: W&B stores each plot as a table, and the curves' shape survives it.
+            picks = [np.linspace(0, len(c.x) - 1, min(len(c.x), 200)).astype(int) for c in curves]
+            return wandb.plot.line_series(
+                xs=[c.x[i].tolist() for c, i in zip(curves, picks)], ys=[c.y[i].tolist() for c, i in zip(curves, picks)],
+                keys=[f"{c.name} ({c.area:.4f})" for c in curves], title=title, xname=xname,
+            )
+
+        probs_t, labels_t = torch.from_numpy(probs), torch.from_numpy(labels)
+        plots = {
+            f"{stage}/wandb_confusion_matrix": wandb.plot.confusion_matrix(
+                y_true=labels.tolist(), preds=probs.argmax(1).tolist(), class_names=class_names
+            ),
+            f"{stage}/wandb_roc": series(roc_curves(probs_t, labels_t, class_names), "ROC", "false positive rate"),
+            f"{stage}/wandb_pr": series(pr_curves(probs_t, labels_t, class_names), "Precision-recall", "recall"),
+        }
+        self.log_metrics(plots, step)  # type: ignore[arg-type]
