@@ -1,8 +1,11 @@
-"""Callbacks the CLI always adds: the run's config (saved, logged, kept in checkpoints) and its resumable state."""
+"""Callbacks the CLI always adds: the run's record (config and provenance: saved, logged, kept in checkpoints) and
+its resumable state."""
 
 from __future__ import annotations
 
 import random
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,12 @@ import yaml
 from pytorch_lightning import Callback
 from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.trainer.states import TrainerFn
+
+from mnist_dlops.provenance import code_version, environment
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
 
 
 def free_name(folder: Path, stem: str, suffix: str) -> Path:
@@ -24,11 +33,13 @@ def free_name(folder: Path, stem: str, suffix: str) -> Path:
 
 
 class RunConfigSaver(SaveConfigCallback):
-    """Writes the resolved config into the run directory and logs it, whole, as every tracker's hyperparameters.
+    """Writes the run's record into its directory and sends it to every tracker: the config and the provenance.
 
-    ``fit`` writes ``config.yaml`` (a resumed fit ``config-1.yaml``...); an evaluation of the run's checkpoint (``validate``/``test``/``predict``) lands
-    in the same directory and writes ``config.<stage>.yaml`` beside it (``-1``, ``-2``... if repeated), so nothing
-    of the training run is overwritten.
+    ``fit`` writes ``config.yaml`` and ``provenance.yaml`` (a resumed fit ``config-1.yaml``...); an evaluation of
+    the run's checkpoint (``validate``/``test``/``predict``) lands in the same directory and writes
+    ``config.<stage>.yaml`` and ``provenance.<stage>.yaml`` beside them (``-1``, ``-2``... if repeated), so nothing
+    of the training run is overwritten. The provenance (data fingerprint, git commit, environment, hardware, times)
+    is completed with the end time and wall time when the stage ends.
     """
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -40,18 +51,71 @@ class RunConfigSaver(SaveConfigCallback):
             stem = "config" if stage == TrainerFn.FITTING else f"config.{TrainerFn(stage).value}"
             name = free_name(run_dir, stem, ".yaml")
             self.parser.save(self.config, name, skip_none=False, overwrite=False, multifile=False)
+            self._provenance_file = name.with_name(name.name.replace("config", "provenance", 1))
+            self.provenance = self._gather_provenance(trainer, run_dir, stage)
+            self._write_provenance()
             # A resumed fit continues a run whose trackers hold its config already: logging it again would add a
-            # second copy to each (TensorBoard's hparams at step 0, for one). Its own config file is written above.
+            # second copy to each (TensorBoard's hparams at step 0, for one). Its own files are written above.
             if not (stage == TrainerFn.FITTING and self.config.get("ckpt_path")):
                 self.save_config(trainer, pl_module, stage)
         self.already_saved = trainer.strategy.broadcast(True)
 
+    def _gather_provenance(self, trainer: pl.Trainer, run_dir: Path, stage: str) -> dict[str, Any]:
+        code, diff = code_version(Path(__file__).resolve().parents[1])
+        if diff:
+            diff_file = self._provenance_file.with_suffix(".diff")
+            diff_file.write_text(diff)
+            code["diff_file"] = diff_file.name
+        datamodule = trainer.datamodule
+        run = self.config.get("run") or {}
+        self._started = time.time()
+        return {
+            "run_dir": str(run_dir),
+            "stage": TrainerFn(stage).value,
+            "ckpt_path": self.config.get("ckpt_path"),
+            "tags": list(run.get("tags") or []),
+            "note": run.get("note"),
+            "data": {
+                "fingerprint": getattr(datamodule, "fingerprint", None),
+                "data_dir": str(getattr(datamodule, "data_dir", "")),
+                "source": getattr(datamodule, "source", None),
+            },
+            "code": code,
+            **environment(),
+            "started": _iso(self._started),
+        }
+
+    def _write_provenance(self) -> None:
+        tmp = self._provenance_file.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(self.provenance, sort_keys=False))
+        tmp.replace(self._provenance_file)
+
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Log the full config (trainer, model, data, checkpoint) to every tracker, not only the model's arguments."""
+        """Log the full config (trainer, model, data, checkpoint) and the provenance to every tracker."""
         # Round-trip through the YAML dump: plain values only (no Path objects), exactly what config.yaml holds.
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
-            logger.log_hyperparams(config)
+            logger.log_hyperparams({**config, "provenance": self.provenance})
+            if hasattr(logger, "tag_run") and (self.provenance["tags"] or self.provenance["note"]):
+                logger.tag_run(self.provenance["tags"], self.provenance["note"])
+
+    def _finish(self, trainer: pl.Trainer, status: str) -> None:
+        """Complete the provenance with the end: time, wall time and how the stage ended; tell the trackers."""
+        if not trainer.is_global_zero or getattr(self, "provenance", None) is None or "ended" in self.provenance:
+            return
+        ended = time.time()
+        end = {"ended": _iso(ended), "wall_time_s": round(ended - self._started, 3), "status": status}
+        self.provenance.update(end)
+        self._write_provenance()
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_run_end"):
+                logger.log_run_end(end)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._finish(trainer, "finished")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._finish(trainer, f"stopped: {type(exception).__name__}")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the model graph where a tracker is set to (TensorBoard's ``log_graph``), as autologging would have.

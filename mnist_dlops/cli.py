@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 from jsonargparse import Namespace
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -32,6 +33,10 @@ class MNISTCLI(LightningCLI):
         parser.add_argument(
             "--runs_dir", type=str, default="lightning_logs", help="Folder holding one version_N directory per run."
         )
+        parser.add_argument(
+            "--run.tags", type=list[str], default=[], help="Labels of this run, for the trackers and the runs table."
+        )
+        parser.add_argument("--run.note", type=Optional[str], default=None, help="A free-text note on this run.")
         # The network's output size and the plots' labels follow the data module's task: set once, there.
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         # Checkpointing is always on and configurable as `checkpoint.*`: the best by val/loss, plus last.ckpt.
@@ -45,9 +50,13 @@ class MNISTCLI(LightningCLI):
                 "checkpoint.filename": "epoch{epoch:02d}-val_loss{val/loss:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
                 "trainer.max_epochs": 3,
-                # Confusion matrix, ROC/PR curves and a gallery of mistakes for every tracker; replaced by a config's
+                # Confusion matrix, ROC/PR curves and a gallery of mistakes for every tracker, and hardware utilization
+                # (CPU, memory; GPU when present) logged like any metric. Replaced by a config's
                 # own `trainer.callbacks` list (use `callbacks+:` to add to it instead).
-                "trainer.callbacks": [{"class_path": "mnist_dlops.diagnostics.Diagnostics"}],
+                "trainer.callbacks": [
+                    {"class_path": "mnist_dlops.diagnostics.Diagnostics"},
+                    {"class_path": "pytorch_lightning.callbacks.DeviceStatsMonitor", "init_args": {"cpu_stats": True}},
+                ],
                 # The run config saver logs the whole config to every tracker, the model's arguments included.
                 "trainer.enable_autolog_hparams": False,
                 "trainer.logger": {

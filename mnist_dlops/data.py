@@ -4,18 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import pytorch_lightning as pl
 import torch
 from jsonargparse.typing import PositiveInt
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from mnist_dlops.batches import EpochOrder, TensorBatches
 from mnist_dlops.download import DEFAULT_MIRRORS, ensure_mnist
-from mnist_dlops.sources import DataError, read_idx_split, read_png_folder, read_png_split
+from mnist_dlops.provenance import data_fingerprint
+from mnist_dlops.sources import IDX_FILES, DataError, find_idx, read_idx_split, read_png_folder, read_png_split
 
 Digit = Literal[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+
+
+class DataChangedWarning(UserWarning):
+    """The data differs from the data a checkpoint was trained on."""
 
 
 class MNISTDataModule(pl.LightningDataModule):
@@ -63,6 +69,7 @@ class MNISTDataModule(pl.LightningDataModule):
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
         # What each prediction is of, in order: a file path, or ``test[i]`` for the MNIST test split.
         self.predict_names: list[str] = []
+        self._fingerprint: Optional[str] = None
 
     @property
     def class_names(self) -> list[str]:
@@ -74,6 +81,34 @@ class MNISTDataModule(pl.LightningDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def fingerprint(self) -> str:
+        """Content hash of the data files this module reads (IDX files or the PNG tree), computed once per run."""
+        if self._fingerprint is None:
+            self._fingerprint = data_fingerprint(self.data_dir, self._data_files())
+        return self._fingerprint
+
+    def _data_files(self) -> list[Path]:
+        if self.source == "png":
+            return [p for split in ("train", "test") for p in (self.data_dir / split).rglob("*") if p.is_file()]
+        files = [find_idx(self.data_dir, stem) for pair in IDX_FILES.values() for stem in pair]
+        return [f for f in files if f is not None]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Kept in every checkpoint: the fingerprint of the data it was trained (or evaluated) on."""
+        return {"data_fingerprint": self.fingerprint, "data_dir": str(self.data_dir)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Warn, clearly, when the data about to be used is not the data the checkpoint was trained on."""
+        trained_on = state.get("data_fingerprint")
+        if trained_on and trained_on != self.fingerprint:
+            rank_zero_warn(
+                f"the data in {self.data_dir} (fingerprint {self.fingerprint[:12]}) differs from the data this "
+                f"checkpoint was trained on ({trained_on[:12]}, in {state.get('data_dir')}): results are not "
+                "comparable with the run's",
+                category=DataChangedWarning,
+            )
 
     def prepare_data(self) -> None:
         """Download missing IDX files (runs once per machine, before ``setup``)."""

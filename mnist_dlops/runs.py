@@ -62,7 +62,8 @@ def best_checkpoint(run: Path) -> Optional[str]:
 
 
 def run_row(run: Path) -> dict[str, object]:
-    """One row of the table: the run's key settings, best ``val/*``, last ``test/*``, best checkpoint and date."""
+    """One row of the table: key settings, tags, data fingerprint and git commit (short), best ``val/*``, last
+    ``test/*``, best checkpoint and date."""
     config = yaml.safe_load((run / "config.yaml").read_text()) or {}
     model, data, trainer = config.get("model") or {}, config.get("data") or {}, config.get("trainer") or {}
     optimizer = model.get("optimizer") or {}
@@ -76,10 +77,14 @@ def run_row(run: Path) -> dict[str, object]:
         "batch_size": data.get("batch_size"),
         "epochs": trainer.get("max_epochs"),
     }
-    for extra in ("tags", "note"):
-        if (config.get("run") or {}).get(extra):
-            value = config["run"][extra]
-            row[extra] = ",".join(value) if isinstance(value, list) else value
+    run_labels = config.get("run") or {}
+    row["tags"] = ",".join(run_labels.get("tags") or [])
+    row["note"] = run_labels.get("note") or ""
+    provenance_file = run / "provenance.yaml"
+    provenance = yaml.safe_load(provenance_file.read_text()) if provenance_file.is_file() else {}
+    row["data"] = ((provenance.get("data") or {}).get("fingerprint") or "")[:12]
+    code = provenance.get("code") or {}
+    row["commit"] = (code.get("commit") or "")[:10] + ("+dirty" if code.get("dirty") else "")
     scalars = history(run)
     for tag, values in scalars.groupby("tag")["value"]:
         if tag.startswith("val/"):

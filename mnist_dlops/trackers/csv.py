@@ -81,3 +81,8 @@ class CSVLogger(LightningCSVLogger):
         """
         if Path(self.experiment.metrics_file_path).is_file():
             self.experiment.keep_rows(int(state.get("rows", 0)), int(state["global_step"]))
+
+    def log_run_end(self, end: dict[str, Any]) -> None:
+        """How the stage ended, added to ``hparams.yaml`` (never as a metrics row)."""
+        self.log_hyperparams({"provenance_end": end})
+        self.save()

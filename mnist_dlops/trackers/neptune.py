@@ -153,6 +153,20 @@ class NeptuneLogger(Logger):
             image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
             self.experiment[key].append(File.as_image(image), step=step)
 
+    @rank_zero_only
+    def tag_run(self, tags: list[str], note: Optional[str]) -> None:
+        """Add ``--run.tags`` to the run's tags and ``--run.note`` as its description."""
+        if tags:
+            self.experiment["sys/tags"].add(tags)
+        if note:
+            self.experiment["sys/description"] = note
+
+    @rank_zero_only
+    def log_run_end(self, end: dict[str, Any]) -> None:
+        """How the stage ended, under ``provenance/``."""
+        for key, value in end.items():
+            self.experiment[f"provenance/{key}"] = value
+
     def after_save_checkpoint(self, checkpoint_callback: Checkpoint) -> None:
         self._checkpoint_callback = checkpoint_callback
 

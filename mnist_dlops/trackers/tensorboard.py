@@ -42,3 +42,9 @@ class TensorBoardLogger(LightningTensorBoardLogger):
         """One histogram per tensor (the diagnostics send every weight tensor, each epoch)."""
         for name, values in tensors.items():
             self.experiment.add_histogram(name, values, global_step=step)
+
+    @rank_zero_only
+    def log_run_end(self, end: dict[str, Any]) -> None:
+        """How the stage ended (time, wall time, status), as text in the Text tab."""
+        self.experiment.add_text("provenance/end", "  \n".join(f"{k}: {v}" for k, v in end.items()))
+        self.experiment.flush()

@@ -147,3 +147,16 @@ class WandbLogger(LightningWandbLogger):
             f"{stage}/wandb_pr": series(pr_curves(probs_t, labels_t, class_names), "Precision-recall", "recall"),
         }
         self.log_metrics(plots, step)  # type: ignore[arg-type]
+
+    @rank_zero_only
+    def tag_run(self, tags: list[str], note: Optional[str]) -> None:
+        """Add ``--run.tags`` to the W&B run's tags and ``--run.note`` to its notes."""
+        run = self.experiment
+        run.tags = tuple(dict.fromkeys([*(run.tags or ()), *tags]))
+        if note:
+            run.notes = f"{run.notes}\n{note}" if run.notes else note
+
+    @rank_zero_only
+    def log_run_end(self, end: dict[str, Any]) -> None:
+        """How the stage ended, in the run's summary."""
+        self.experiment.summary.update({f"provenance/{k}": v for k, v in end.items()})
