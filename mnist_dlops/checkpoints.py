@@ -5,6 +5,7 @@ A checkpoint is only ever loaded with ``torch.load(weights_only=True)``: plain t
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import tempfile
@@ -62,13 +63,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Serialized in memory first: torch's writer reports a failed write (disk full) as a bare RuntimeError.
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
+                f.write(buffer.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as err:  # disk full, quota, read-only: name the checkpoint; the previous one is untouched
+            Path(tmp).unlink(missing_ok=True)
+            raise OSError(err.errno, f"cannot write checkpoint ({err.strerror}); the previous one is intact", str(path)) from err
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -97,6 +104,13 @@ class RunCheckpoint(ModelCheckpoint):
         if last_every_n_train_steps < 0:
             raise ValueError(f"checkpoint.last_every_n_train_steps={last_every_n_train_steps} must be >= 0")
         self.last_every_n_train_steps = last_every_n_train_steps
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        """Save, unless the weights are not finite: a diverged model never becomes ``best`` or ``last``."""
+        bad = [name for name, p in trainer.lightning_module.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise ArithmeticError(f"not saving {filepath}: non-finite weights in {', '.join(bad[:3])}")
+        super()._save_checkpoint(trainer, filepath)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

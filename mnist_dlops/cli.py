@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +15,15 @@ from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCL
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from mnist_dlops.callbacks import ResumeState, RunConfigSaver
-from mnist_dlops.checkpoints import CheckpointError, RunCheckpoint
+from mnist_dlops.checkpoints import CheckpointError, RunCheckpoint, load_checkpoint
+from mnist_dlops.config_checks import (
+    ConfigError,
+    OneLineParser,
+    check_class_paths,
+    check_config_files,
+    check_values,
+    one_line,
+)
 from mnist_dlops.data import MNISTDataModule
 from mnist_dlops.module import MNISTModule
 from mnist_dlops.predictions import PredictionCSV
@@ -24,6 +33,8 @@ from mnist_dlops.sources import DataError
 
 # Lightning's DDP launcher re-runs this script once per extra process; they inherit the run directory through it.
 RUN_DIR_ENV = "MNIST_DLOPS_RUN_DIR"
+# Run directories this process created, removed again if the run failed before it began (no config.yaml written).
+_CLAIMED: list[Path] = []
 
 
 class MNISTCLI(LightningCLI):
@@ -71,18 +82,26 @@ class MNISTCLI(LightningCLI):
         if isinstance(args, (dict, Namespace)):
             self.config = parser.parse_object(args)
         else:
-            self.config = parser.parse_args(restore_from_checkpoint(list(sys.argv[1:] if args is None else args)))
+            args = list(sys.argv[1:] if args is None else args)
+            check_config_files(args)
+            self.config = parser.parse_args(restore_from_checkpoint(args))
 
     def _parse_ckpt_path(self) -> None:
         """Done before parsing by ``parse_arguments``; Lightning's version would override the user's flags."""
 
     def before_instantiate_classes(self) -> None:
-        """Give this run its directory before any logger or checkpoint callback exists."""
+        """Check the config, then give this run its directory before any logger or checkpoint callback exists."""
         if self.subcommand is None:
             return
         config = self.config[self.subcommand]
+        check_class_paths(config)
+        check_values(config)
+        if config.get("ckpt_path"):  # also when it came from a YAML file: refuse a bad one before anything starts
+            load_checkpoint(config.ckpt_path)
         run_dir = os.environ.get(RUN_DIR_ENV) or run_dir_of(config.get("ckpt_path"))
-        run_dir = Path(run_dir) if run_dir else claim_run_dir(Path(config.runs_dir))
+        if not run_dir:
+            run_dir = claim_run_dir(Path(config.runs_dir))
+            _CLAIMED.append(run_dir)
         os.environ[RUN_DIR_ENV] = str(run_dir)
         self._as_given = config.clone()
         place_in_run(config, run_dir)
@@ -98,19 +117,18 @@ class MNISTCLI(LightningCLI):
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the errors a user can fix into one ``error:`` line: exit 1 for data, 2 for a bad checkpoint argument.
+    """Turn the errors a user can fix into one ``error:`` line and a non-zero exit status, no traceback.
 
-    SIGTERM (preemption) exits 143 like an unhandled SIGTERM would, after saving ``last.ckpt``, so that a scheduler
-    can tell it from success.
+    2: a bad config value or checkpoint argument. 1: bad data, a training that diverged, a path that cannot be
+    written (disk full, read-only). 143: stopped by SIGTERM (preemption), after saving ``last.ckpt``, so that a
+    scheduler can tell it from success.
     """
     try:
         yield
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except (ConfigError, CheckpointError) as err:
+        _fail(str(err), 2)
+    except (DataError, ArithmeticError) as err:  # ArithmeticError: a diverged training (NaN loss or weights)
+        _fail(str(err), 1)
     except SIGTERMException:
         run_dir = os.environ.get(RUN_DIR_ENV, "<run>")
         print(
@@ -118,6 +136,19 @@ def user_errors() -> Iterator[None]:
             file=sys.stderr,
         )
         sys.exit(143)
+    except RuntimeError as err:
+        if "Error(s) in loading state_dict" not in str(err):
+            raise
+        detail = one_line(str(err).split("\n\t", 1)[-1], limit=200)
+        _fail(f"the checkpoint does not fit this model ({detail}); was it trained for another network or task?", 2)
+    except OSError as err:  # disk full, quota, read-only or missing folders: name the path
+        where = err.filename or f"writing the run's files in {os.environ.get(RUN_DIR_ENV, os.getcwd())}"
+        _fail(f"{where}: {err.strerror or err}", 1)
+
+
+def _fail(message: str, status: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(status)
 
 
 def cli_main(args: ArgsType = None) -> None:
@@ -132,9 +163,13 @@ def cli_main(args: ArgsType = None) -> None:
                 save_config_callback=RunConfigSaver,
                 trainer_defaults={"callbacks": [ResumeState(), PredictionCSV()]},
                 auto_configure_optimizers=False,
+                parser_class=OneLineParser,
             )
     finally:
-        # One run per call, also when called from Python; a run that failed before writing anything leaves no trace.
-        run_dir = os.environ.pop(RUN_DIR_ENV, None)
-        if run_dir and Path(run_dir).is_dir() and not any(Path(run_dir).iterdir()):
-            Path(run_dir).rmdir()
+        # One run per call, also when called from Python. A run that failed before it began (bad data, say) leaves no
+        # trace: only a tracker's empty start-up files would be in it.
+        os.environ.pop(RUN_DIR_ENV, None)
+        while _CLAIMED:
+            run_dir = _CLAIMED.pop()
+            if run_dir.is_dir() and not any(run_dir.glob("config*.yaml")):
+                shutil.rmtree(run_dir, ignore_errors=True)

@@ -36,6 +36,10 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 STAGES = ("train", "val", "test")
 
 
+class NonFiniteLossError(ArithmeticError):
+    """The training loss became NaN or infinite: training stops before that step updates the weights."""
+
+
 def make_metrics(num_classes: int, prefix: str) -> MetricCollection:
     """Accuracy, precision, recall and F1 (macro over the digits; of the positive class when binary), + AUROC if binary."""
     if num_classes == 2:
@@ -101,6 +105,14 @@ class MNISTModule(pl.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
+        # Stop before backward: the weights stay finite, and no checkpoint of a diverged model is ever written.
+        # (On a CPU the check costs nothing; on a GPU the progress bar already reads the loss every step.)
+        if stage == "train" and not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"train/loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}): training "
+                "stopped before this step changed the weights; lower model.optimizer.init_args.lr (or the schedule's "
+                "max_lr) and start again, or resume from the last checkpoint"
+            )
         # Training logs the running loss per step; evaluation logs the epoch mean, weighted by batch size and
         # averaged over processes under DDP (one reduction per epoch, none per step).
         train = stage == "train"

@@ -45,3 +45,15 @@ class OneCycleLR(torch.optim.lr_scheduler.OneCycleLR):
             div_factor=div_factor,
             final_div_factor=final_div_factor,
         )
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume the schedule; a run resumed with another length cannot keep a one-cycle shape, so say so."""
+        planned = state_dict.get("total_steps")
+        if planned is not None and planned != self.total_steps:
+            from mnist_dlops.config_checks import ConfigError
+
+            raise ConfigError(
+                f"the checkpoint's one-cycle schedule spans {planned} steps, this run {self.total_steps}: resume with "
+                "the same trainer.max_epochs/max_steps, or start a new run from these weights"
+            )
+        super().load_state_dict(state_dict)

@@ -68,7 +68,10 @@ def read_idx_split(data_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tens
     images_path, labels_path = find_idx(data_dir, images_stem), find_idx(data_dir, labels_stem)
     if images_path is None or labels_path is None:
         missing = images_stem if images_path is None else labels_stem
-        raise DataError(f"{data_dir / missing}[.gz]: missing")
+        raise DataError(
+            f"{data_dir / missing}[.gz]: missing; copy the four MNIST *-ubyte.gz files into {data_dir} "
+            "(or let --data.download true fetch them on a connected machine)"
+        )
     images = read_idx(images_path, _IMAGES_MAGIC)
     labels = read_idx(labels_path, _LABELS_MAGIC)
     if images.shape[1:] != (28, 28):
