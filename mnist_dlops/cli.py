@@ -99,7 +99,8 @@ class MNISTCLI(LightningCLI):
         if config.get("ckpt_path"):  # also when it came from a YAML file: refuse a bad one before anything starts
             load_checkpoint(config.ckpt_path)
         run_dir = os.environ.get(RUN_DIR_ENV) or run_dir_of(config.get("ckpt_path"))
-        if not run_dir:
+        run_dir = Path(run_dir) if run_dir else None
+        if run_dir is None:
             run_dir = claim_run_dir(Path(config.runs_dir))
             _CLAIMED.append(run_dir)
         os.environ[RUN_DIR_ENV] = str(run_dir)

@@ -257,6 +257,7 @@ def test_runs_dir_that_is_a_file(tmp_path: Path, tiny_idx: Path) -> None:
     assert (tmp_path / "lightning_logs").read_text() == "not a folder"
 
 
+@pytest.mark.slow  # real data or several processes: run by `pytest -m slow` and CI
 def test_runs_started_at_the_same_instant_get_distinct_directories(tmp_path: Path, tiny_idx: Path) -> None:
     procs = [
         subprocess.Popen([sys.executable, str(REPO / "cli.py"), "fit", "--data.data_dir", str(tiny_idx), *TINY],

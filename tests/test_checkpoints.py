@@ -74,6 +74,7 @@ def test_pngs(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Path
     return root
 
 
+@pytest.mark.slow  # real data or several processes: run by `pytest -m slow` and CI
 def test_predict_on_png_files_reproduces_the_test_accuracy(tmp_path: Path, mnist_dir: Path, test_pngs: Path) -> None:
     """A 10-class run: `predict` over the test digits as PNGs agrees with `test` on the IDX files."""
     result = run_cli(

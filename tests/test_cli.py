@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -145,3 +146,24 @@ def test_ddp_on_cpu_shares_one_run_directory(tmp_path: Path, tiny_idx: Path) -> 
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p.name for p in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
     assert (tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow  # real data or several processes: run by `pytest -m slow` and CI
+def test_ddp_validation_matches_a_single_process(tmp_path: Path, mnist_dir: Path) -> None:
+    """2-process DDP on CPU (gloo) evaluates each validation image once: its metrics equal a single process's."""
+    common = ["--data.data_dir", str(mnist_dir), "--data.val_size", "1001", "-c", str(REPO / "configs" / "csv.yaml")]
+    fit = run_cli("fit", *common, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "30",
+                  "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    ckpt = str(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
+    single = run_cli("validate", "--ckpt_path", ckpt, "--data.eval_batch_size", "100", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = run_cli("validate", "--ckpt_path", ckpt, "--data.eval_batch_size", "100", "--trainer.strategy", "ddp",
+                  "--trainer.devices", "2", "--trainer.accelerator", "cpu", cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    rows = pd.read_csv(tmp_path / "lightning_logs" / "version_0" / "metrics.csv").dropna(subset=["val/acc"])
+    a, b = rows.iloc[-2], rows.iloc[-1]
+    # 1,001 images (odd: the ranks get 501 and 500, none padded or dropped): every metric agrees.
+    for metric in ("val/acc", "val/precision", "val/recall", "val/f1"):
+        assert a[metric] == pytest.approx(b[metric], abs=1e-6), metric
+    assert a["val/loss"] == pytest.approx(b["val/loss"], abs=2e-3)  # a mean of the ranks' means

@@ -109,6 +109,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(runs: tuple[P
     assert all(len(tb_a[k]) == len(tb_b[k]) for k in tb_a)
 
 
+@pytest.mark.slow  # real data or several processes: run by `pytest -m slow` and CI
 def test_sigterm_saves_a_resumable_checkpoint_and_exits_non_zero(runs: tuple[Path, Path]) -> None:
     _, cwd = runs
     run = cwd / "lightning_logs" / "version_0"

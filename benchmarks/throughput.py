@@ -1,0 +1,198 @@
+"""Training throughput of our full stack against a plain PyTorch loop (the limit) and the seeds' recipe.
+
+    python benchmarks/throughput.py --data_dir ../shared/data/mnist
+
+Measured in one process run, interleaved (raw, ours, seed, raw, ours, seed...), on the same network, batch size
+and data, and reported as medians, so that a busy machine slows all three alike:
+
+1. raw:  a plain PyTorch loop over the in-memory uint8 tensors (slice, normalize, forward, loss, backward, Adam);
+2. ours: ``cli.py fit`` with the default stack (metrics, logging, diagnostics, checkpoints, progress bar), timed
+         by Lightning's ``Timer`` callback over the training epoch, validation excluded;
+3. seed: the seeds' recipe: one PNG file decoded per sample in a ``DataLoader`` (the seeds used skimage's imread;
+         PIL here), same network and loop as raw.
+
+Also: the default config's time to >= 99% test accuracy, and ``python cli.py --help`` startup against
+``python -c "import pytorch_lightning"``. The last line is machine-readable:
+``ratio_vs_raw=<x> ratio_vs_seed=<y> time_to_99_s=<z>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mnist_dlops.module import MNIST_MEAN, MNIST_STD  # noqa: E402
+from mnist_dlops.networks import MLP, FastCNN  # noqa: E402
+from mnist_dlops.sources import read_idx_split  # noqa: E402
+
+NETWORKS = {"mlp": ("mnist_dlops.networks.MLP", MLP), "cnn": ("mnist_dlops.networks.FastCNN", FastCNN)}
+
+
+def raw_loop(network: str, images: torch.Tensor, labels: torch.Tensor, batch_size: int, steps: int) -> float:
+    """Samples/s of the plainest training loop over resident tensors."""
+    torch.manual_seed(0)
+    model = NETWORKS[network][1](10)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    order = torch.randperm(len(labels))
+    start = time.perf_counter()
+    for step in range(steps):
+        idx = order[(step * batch_size) % (len(labels) - batch_size) :][:batch_size]
+        x = (images[idx].float() / 255.0 - MNIST_MEAN) / MNIST_STD
+        loss = F.cross_entropy(model(x), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+class PngDataset(torch.utils.data.Dataset):
+    """The seeds' dataset: one image file read and decoded per sample."""
+
+    def __init__(self, files: list[Path], labels: list[int]) -> None:
+        self.files, self.labels = files, labels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(np.asarray(Image.open(self.files[i]))).unsqueeze(0), self.labels[i]
+
+
+def seed_loop(network: str, files: list[Path], labels: list[int], batch_size: int) -> float:
+    """Samples/s of the same loop fed by the seeds' per-file DataLoader (one pass over ``files``)."""
+    torch.manual_seed(0)
+    model = NETWORKS[network][1](10)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(PngDataset(files, labels), batch_size=batch_size, shuffle=True)
+    seen, start = 0, time.perf_counter()
+    for images, target in loader:
+        x = (images.float() / 255.0 - MNIST_MEAN) / MNIST_STD
+        loss = F.cross_entropy(model(x), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen += len(target)
+    return seen / (time.perf_counter() - start)
+
+
+def timer_seconds(run_dir: Path) -> dict[str, float]:
+    """The per-stage seconds Lightning's Timer callback kept in the run's last checkpoint."""
+    states = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    return next(s["time_elapsed"] for k, s in states.items() if k.startswith("Timer"))
+
+
+def ours(network: str, data_dir: str, batch_size: int, steps: int, workdir: Path) -> float:
+    """Samples/s of ``cli.py fit`` with the default stack, over ``steps`` training steps, validation excluded."""
+    args = [
+        sys.executable, str(REPO / "cli.py"), "fit", "--data.data_dir", data_dir,
+        "--model.network", NETWORKS[network][0], "--data.batch_size", str(batch_size),
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(steps),
+        "--trainer.callbacks+", "pytorch_lightning.callbacks.Timer",
+    ]
+    done = subprocess.run(args, cwd=workdir, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"cli.py fit failed:\n{done.stderr[-3000:]}")
+    run_dir = max((workdir / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    seconds = timer_seconds(run_dir)
+    return steps * batch_size / (seconds["train"] - seconds.get("validate", 0.0))
+
+
+def time_to_99(data_dir: str, workdir: Path) -> tuple[float, float]:
+    """Training seconds of the default config (Timer: train, validation included) and its test accuracy."""
+    fit = subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), "fit", "--data.data_dir", data_dir,
+         "--trainer.callbacks+", "pytorch_lightning.callbacks.Timer"],
+        cwd=workdir, capture_output=True, text=True,
+    )
+    if fit.returncode != 0:
+        raise SystemExit(f"cli.py fit failed:\n{fit.stderr[-3000:]}")
+    run_dir = max((workdir / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    seconds = timer_seconds(run_dir)["train"]
+    test = subprocess.run([sys.executable, str(REPO / "cli.py"), "test", "--ckpt_path", str(run_dir)],
+                          cwd=workdir, capture_output=True, text=True)
+    match = re.search(r"test/acc\s*│\s*([0-9.]+)", test.stdout)
+    if test.returncode != 0 or not match:
+        raise SystemExit(f"cli.py test failed:\n{test.stderr[-3000:]}")
+    return seconds, float(match.group(1))
+
+
+def startup(args: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, check=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_dir", default="data/mnist", help="Folder with the four MNIST *-ubyte.gz files.")
+    parser.add_argument("--batch_size", type=int, default=64, help="Batch size of every contender.")
+    parser.add_argument("--steps", type=int, default=600, help="Training steps timed per raw/ours measurement.")
+    parser.add_argument("--seed_images", type=int, default=1280, help="PNG files the seed recipe reads per pass.")
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds; medians are reported.")
+    parser.add_argument("--skip_time_to_99", action="store_true", help="Skip the full default run (about a minute).")
+    opts = parser.parse_args()
+    data_dir = str(Path(opts.data_dir).resolve())
+    images, labels = read_idx_split(Path(data_dir), "train")
+    images = images.unsqueeze(1).contiguous()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        files = []
+        for i in range(opts.seed_images):
+            path = workdir / "png" / f"{i:05d}.png"
+            path.parent.mkdir(exist_ok=True)
+            Image.fromarray(images[i, 0].numpy()).save(path)
+            files.append(path)
+        seed_labels = labels[: opts.seed_images].tolist()
+
+        results: dict[str, dict[str, list[float]]] = {n: {"raw": [], "ours": [], "seed": []} for n in NETWORKS}
+        for round_ in range(opts.rounds):
+            for network in NETWORKS:
+                r = results[network]
+                r["raw"].append(raw_loop(network, images, labels, opts.batch_size, opts.steps))
+                r["ours"].append(ours(network, data_dir, opts.batch_size, opts.steps, workdir))
+                if network == "mlp":
+                    r["seed"].append(seed_loop(network, files, seed_labels, opts.batch_size))
+                print(f"round {round_ + 1}/{opts.rounds} {network}: "
+                      + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in r.items() if v), flush=True)
+
+        median = {n: {k: statistics.median(v) for k, v in r.items() if v} for n, r in results.items()}
+        print(f"\nsamples/s (median of {opts.rounds}, batch {opts.batch_size}, torch threads {torch.get_num_threads()})")
+        for network, m in median.items():
+            line = f"  {network}: raw {m['raw']:,.0f}  ours {m['ours']:,.0f}  ours/raw {m['ours'] / m['raw']:.2f}"
+            if "seed" in m:
+                line += f"  seed {m['seed']:,.0f}  ours/seed {m['ours'] / m['seed']:.1f}"
+            print(line)
+
+        help_s = statistics.median(startup([str(REPO / "cli.py"), "--help"]) for _ in range(3))
+        import_s = statistics.median(startup(["-c", "import pytorch_lightning"]) for _ in range(3))
+        print(f"startup: cli.py --help {help_s:.2f} s, import pytorch_lightning {import_s:.2f} s, "
+              f"ratio {help_s / import_s:.2f}")
+
+        t99 = float("nan")
+        if not opts.skip_time_to_99:
+            seconds, acc = time_to_99(data_dir, workdir)
+            t99 = seconds if acc >= 0.99 else float("inf")
+            print(f"default config: test/acc {acc:.4f} after {seconds:.1f} s of training")
+
+    mlp = median["mlp"]
+    print(f"ratio_vs_raw={mlp['ours'] / mlp['raw']:.3f} ratio_vs_seed={mlp['ours'] / mlp['seed']:.1f} "
+          f"time_to_99_s={t99:.1f}")
+
+
+if __name__ == "__main__":
+    main()
