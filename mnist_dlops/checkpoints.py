@@ -95,7 +95,7 @@ class RunCheckpoint(ModelCheckpoint):
     that resumes.
     """
 
-    def __init__(self, *args: Any, last_every_n_train_steps: int = 100, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, last_every_n_train_steps: int = 500, **kwargs: Any) -> None:
         """
         Args:
             last_every_n_train_steps: Refresh ``last.ckpt`` every this many training steps (0: only at epoch ends).

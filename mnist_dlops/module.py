@@ -113,18 +113,34 @@ class MNISTModule(pl.LightningModule):
                 "stopped before this step changed the weights; lower model.optimizer.init_args.lr (or the schedule's "
                 "max_lr) and start again, or resume from the last checkpoint"
             )
-        # Training logs the running loss per step; evaluation logs the epoch mean, weighted by batch size and
-        # averaged over processes under DDP (one reduction per epoch, none per step).
         train = stage == "train"
-        self.log(
-            f"{stage}/loss", loss, on_step=train, on_epoch=not train, prog_bar=True, batch_size=len(labels),
-            sync_dist=not train,
-        )
+        if not train:
+            # The epoch mean, weighted by batch size and averaged over processes under DDP (one reduction per epoch).
+            self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True)
+        elif self.trainer._logger_connector.should_update_logs:
+            # Lightning's logging machinery costs about a millisecond a call, as much as a small network's step:
+            # log the running loss only at the steps the loggers write (every trainer.log_every_n_steps).
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(labels))
+        # Metric states are updated every step (cheap) and computed, logged and reset once per epoch (below).
         metrics = getattr(self, f"{stage}_metrics")
         # Binary metrics want the positive class's probability; the multiclass ones take the logits.
         metrics.update(logits.detach().softmax(-1)[:, 1] if self.binary else logits.detach(), labels)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=not train)
         return loss, logits
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        metrics = getattr(self, f"{stage}_metrics")
+        # compute() already gathers the states of every process under DDP.
+        self.log_dict(metrics.compute(), prog_bar=stage != "train")
+        metrics.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "train")[0]
