@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Literal, Optional
 
 import torch
 from torch import Tensor, nn
 
 from mnist_dlops.checkpoints import CheckpointError, load_checkpoint
+from mnist_dlops.config_checks import ConfigError, check_class_paths
 from mnist_dlops.module import MNIST_MEAN, MNIST_STD, MNISTModule
 from mnist_dlops.restore import checkpoint_config, resolve_ckpt
 
@@ -40,15 +42,17 @@ class Probabilities(nn.Module):
 
 
 def rebuild(path: Path) -> MNISTModule:
-    """The module a checkpoint was trained as, with its weights (loaded as plain data only)."""
-    checkpoint = load_checkpoint(path)
-    model_config = checkpoint_config(checkpoint, "test", path)["model"]
+    """The module a checkpoint was trained as, with its weights (loaded as plain data; its class paths checked)."""
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser()
+    checkpoint = load_checkpoint(path)
+    model_config = checkpoint_config(checkpoint, "test", path)["model"]
+    parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(MNISTModule, "model")
-    config = parser.parse_object({"model": {**model_config, "class_names": checkpoint["hyper_parameters"]["class_names"]}})
-    model = parser.instantiate_classes(config).model
+    class_names = checkpoint["hyper_parameters"]["class_names"]
+    config = parser.parse_object({"model": {**model_config, "class_names": class_names}})
+    check_class_paths(config)
+    model = parser.instantiate(config).model
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
 
@@ -60,7 +64,7 @@ def sample_images(n: int = 256) -> Tensor:
 
 def export(
     ckpt_path: str,
-    formats: list[Format] = ["torchscript", "onnx"],  # noqa: B006 (jsonargparse reads this default; never mutated)
+    formats: Sequence[Format] = ("torchscript", "onnx"),
     out_dir: Optional[str] = None,
     runs_dir: str = "lightning_logs",
     tolerance: float = 1e-5,
@@ -126,7 +130,7 @@ def main() -> None:
 
     try:
         CLI(export, as_positional=False)
-    except CheckpointError as err:
+    except (CheckpointError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
