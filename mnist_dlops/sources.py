@@ -88,8 +88,6 @@ def read_png_split(root: Path, split: str, class_of: dict[str, int]) -> tuple[to
 
     Images of any size or mode are converted the way MNIST is stored: 8-bit grayscale, 28x28.
     """
-    from PIL import Image, UnidentifiedImageError  # only this source needs Pillow
-
     split_dir = root / split
     if not split_dir.is_dir():
         raise DataError(f"{split_dir}: missing (expected {root}/{{train,test}}/<class>/*.png)")
@@ -105,11 +103,7 @@ def read_png_split(root: Path, split: str, class_of: dict[str, int]) -> tuple[to
         if not files:
             raise DataError(f"{class_dir}: empty class folder")
         for file in files:
-            try:
-                with Image.open(file) as img:
-                    images.append(np.asarray(to_mnist_image(img)))
-            except (UnidentifiedImageError, OSError) as err:
-                raise DataError(f"{file}: not a readable image ({err.__class__.__name__})") from err
+            images.append(read_png(file))
             labels.append(class_of[class_dir.name])
     return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
 
@@ -148,18 +142,20 @@ def to_mnist_image(img):  # PIL.Image in, PIL.Image out; untyped to keep Pillow 
 
 def read_png_folder(folder: Path) -> tuple[torch.Tensor, list[Path]]:
     """Every ``*.png`` under ``folder`` (recursively, sorted) as uint8 ``[N, 28, 28]``, with the files' paths."""
-    from PIL import Image, UnidentifiedImageError
-
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder of PNG images")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() == ".png")
     if not files:
         raise DataError(f"{folder}: holds no .png files")
-    images = []
-    for file in files:
-        try:
-            with Image.open(file) as img:
-                images.append(np.asarray(to_mnist_image(img)))
-        except (UnidentifiedImageError, OSError) as err:
-            raise DataError(f"{file}: not a readable image ({err.__class__.__name__})") from err
-    return torch.from_numpy(np.stack(images)), files
+    return torch.from_numpy(np.stack([read_png(file) for file in files])), files
+
+
+def read_png(file: Path) -> np.ndarray:
+    """One image file as an MNIST-format uint8 ``[28, 28]`` array; a file that is not an image is a DataError."""
+    from PIL import Image, UnidentifiedImageError  # only the PNG sources need Pillow
+
+    try:
+        with Image.open(file) as img:
+            return np.asarray(to_mnist_image(img))
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"{file}: not a readable image ({err.__class__.__name__})") from err
