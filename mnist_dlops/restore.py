@@ -8,7 +8,6 @@ the command line as its first ``--config``, so it is what runs and what ``--prin
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,9 +15,9 @@ import yaml
 
 from mnist_dlops.callbacks import STATE_KEY
 from mnist_dlops.checkpoints import CheckpointError, load_checkpoint
+from mnist_dlops.rundir import recorded_best, training_runs
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-_VERSION = re.compile(r"version_(\d+)$")
 
 
 def option_value(args: list[str], name: str) -> tuple[Optional[str], Optional[int]]:
@@ -34,22 +33,20 @@ def option_value(args: list[str], name: str) -> tuple[Optional[str], Optional[in
 
 def latest_run(runs_dir: Path) -> Path:
     """The newest training run (highest ``version_N`` with a ``config.yaml``) under ``runs_dir``."""
-    runs = [p for p in runs_dir.glob("version_*") if _VERSION.match(p.name) and (p / "config.yaml").is_file()]
+    runs = training_runs(runs_dir)
     if not runs:
         raise CheckpointError(f"{runs_dir}: no training run to take a checkpoint from (run `python cli.py fit` first)")
-    return max(runs, key=lambda p: int(_VERSION.match(p.name).group(1)))
+    return runs[-1]
 
 
 def best_of(last: Path) -> Path:
     """The best checkpoint recorded by the checkpoint callback in ``last`` (looked up next to it if moved)."""
-    states = load_checkpoint(last).get("callbacks", {}).values()
-    best = next((s["best_model_path"] for s in states if isinstance(s, dict) and s.get("best_model_path")), None)
+    best, found = recorded_best(load_checkpoint(last), last.parent)
     if not best:
         raise CheckpointError(f"{last}: records no best checkpoint (was it validated?); pass a .ckpt file instead")
-    for candidate in (Path(best), last.parent / Path(best).name):
-        if candidate.is_file():
-            return candidate
-    raise CheckpointError(f"{last}: its best checkpoint {best} no longer exists")
+    if found is None:
+        raise CheckpointError(f"{last}: its best checkpoint {best} no longer exists")
+    return found
 
 
 def resolve_ckpt(value: str, runs_dir: Path) -> Path:

@@ -19,7 +19,8 @@ from typing import Optional
 import pandas as pd
 import yaml
 
-_VERSION = re.compile(r"version_(\d+)$")
+from mnist_dlops.rundir import recorded_best, training_runs
+
 _OPS = {">=": operator.ge, "<=": operator.le, "!=": operator.ne, "=": operator.eq, ">": operator.gt, "<": operator.lt}
 
 
@@ -45,17 +46,16 @@ def _short(class_path: Optional[str]) -> Optional[str]:
 
 
 def best_checkpoint(run: Path) -> Optional[str]:
-    """The best checkpoint the run's checkpoint callback recorded (or its only ``epoch*.ckpt``)."""
+    """The best checkpoint the run's checkpoint callback recorded (or its last ``epoch*.ckpt``)."""
     candidates = sorted((run / "checkpoints").glob("epoch*.ckpt"))
     last = run / "checkpoints" / "last.ckpt"
     if last.is_file():
         import torch
 
         try:
-            states = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {}).values()
-            best = next((s.get("best_model_path") for s in states if isinstance(s, dict) and s.get("best_model_path")), None)
-            if best and (run / "checkpoints" / Path(best).name).is_file():
-                return str(run / "checkpoints" / Path(best).name)
+            _, found = recorded_best(torch.load(last, map_location="cpu", weights_only=True), last.parent)
+            if found is not None:
+                return str(found)
         except Exception:  # an unreadable last.ckpt must not hide the run: fall back to the file names
             pass
     return str(candidates[-1]) if candidates else None
@@ -94,12 +94,6 @@ def run_row(run: Path) -> dict[str, object]:
             row[tag] = values.iloc[-1]
     row["best_checkpoint"] = best_checkpoint(run)
     return row
-
-
-def training_runs(runs_dir: Path) -> list[Path]:
-    """The run folders that hold a training config, in version order."""
-    runs = [p for p in runs_dir.glob("version_*") if _VERSION.match(p.name) and (p / "config.yaml").is_file()]
-    return sorted(runs, key=lambda p: int(_VERSION.match(p.name).group(1)))
 
 
 def runs_table(runs_dir: Path) -> pd.DataFrame:
