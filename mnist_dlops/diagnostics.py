@@ -150,10 +150,11 @@ class Diagnostics(Callback):
         class_names = list(pl_module.class_names)
         confidence, predicted = wrong_probs.max(1) if len(wrong_probs) else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
         top = confidence.argsort(descending=True)[: self.gallery_size]
+        roc, pr = roc_curves(probs, labels, class_names), pr_curves(probs, labels, class_names)
         figures = {
             "confusion_matrix": confusion_figure(confusion(probs, labels).numpy(), class_names),
-            "roc": curves_figure(roc_curves(probs, labels, class_names), "roc"),
-            "pr": curves_figure(pr_curves(probs, labels, class_names), "pr"),
+            "roc": curves_figure(roc, "roc"),
+            "pr": curves_figure(pr, "pr"),
             "mistakes": gallery_figure(
                 wrong_images[top, 0].numpy(), wrong_labels[top].tolist(), predicted[top].tolist(),
                 confidence[top].tolist(), class_names,
@@ -171,4 +172,6 @@ class Diagnostics(Callback):
                     logger.log_image(key=f"{stage}/{name}", images=[image], step=step)
         for logger in trainer.loggers:
             if hasattr(logger, "log_classification"):
-                logger.log_classification(stage, probs.numpy(), labels.numpy(), class_names, step=step)
+                logger.log_classification(
+                    stage, labels.numpy(), probs.argmax(1).numpy(), roc, pr, class_names, step=step
+                )

@@ -10,11 +10,9 @@ from typing import Any, Literal, Optional
 from urllib.parse import urlparse
 
 import numpy as np
-
 from pytorch_lightning.loggers import WandbLogger as LightningWandbLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities.rank_zero import rank_zero_only, rank_zero_warn
-import torch
 from torch import Tensor
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
@@ -123,12 +121,11 @@ class WandbLogger(LightningWandbLogger):
 
     @rank_zero_only
     def log_classification(
-        self, stage: str, probs: np.ndarray, labels: np.ndarray, class_names: list[str], step: Optional[int] = None
+        self, stage: str, labels: np.ndarray, predicted: np.ndarray, roc: list[Any], pr: list[Any],
+        class_names: list[str], step: Optional[int] = None,
     ) -> None:
-        """W&B's own interactive plots: its confusion matrix, and the ROC and PR curves as W&B line series."""
+        """W&B's own interactive plots: its confusion matrix, and the diagnostics' ROC and PR curves as line series."""
         import wandb
-
-        from mnist_dlops.diagnostics import pr_curves, roc_curves
 
         def series(curves, title: str, xname: str) -> Any:
             # At most 200 points a curve: W&B stores each plot as a table, and the curves' shape survives it.
@@ -138,13 +135,12 @@ class WandbLogger(LightningWandbLogger):
                 keys=[f"{c.name} ({c.area:.4f})" for c in curves], title=title, xname=xname,
             )
 
-        probs_t, labels_t = torch.from_numpy(probs), torch.from_numpy(labels)
         plots = {
             f"{stage}/wandb_confusion_matrix": wandb.plot.confusion_matrix(
-                y_true=labels.tolist(), preds=probs.argmax(1).tolist(), class_names=class_names
+                y_true=labels.tolist(), preds=predicted.tolist(), class_names=class_names
             ),
-            f"{stage}/wandb_roc": series(roc_curves(probs_t, labels_t, class_names), "ROC", "false positive rate"),
-            f"{stage}/wandb_pr": series(pr_curves(probs_t, labels_t, class_names), "Precision-recall", "recall"),
+            f"{stage}/wandb_roc": series(roc, "ROC", "false positive rate"),
+            f"{stage}/wandb_pr": series(pr, "Precision-recall", "recall"),
         }
         self.log_metrics(plots, step)  # type: ignore[arg-type]
 
