@@ -82,14 +82,15 @@ def export(
         The largest absolute difference measured, per format.
     """
     path = resolve_ckpt(ckpt_path, Path(runs_dir))
-    model = Probabilities(rebuild(path)).eval()
+    module = rebuild(path)
+    model = Probabilities(module).eval()
     out = Path(out_dir) if out_dir else path.resolve().parent.parent / "export"
     out.mkdir(parents=True, exist_ok=True)
     (out / "classes.txt").write_text("\n".join(model.class_names) + "\n")
     images = sample_images()
     with torch.no_grad():
         # The reference is the checkpoint's module itself, not the wrapper: the wrapper is what is being checked.
-        expected = rebuild(path)(images).softmax(-1)
+        expected = module(images).softmax(-1)
     errors: dict[str, float] = {}
     for fmt in formats:
         file, outputs = (_torchscript if fmt == "torchscript" else _onnx)(model, images, out)
