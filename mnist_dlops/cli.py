@@ -40,6 +40,9 @@ _CLAIMED: list[Path] = []
 class MNISTCLI(LightningCLI):
     """``fit``/``validate``/``test``/``predict`` over MNISTModule and MNISTDataModule, configured from YAML."""
 
+    # The --ckpt_path checkpoint already loaded and checked while parsing the command line, if any.
+    checked_ckpt: Optional[Path] = None
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--runs_dir", type=str, default="lightning_logs", help="Folder holding one version_N directory per run."
@@ -84,7 +87,8 @@ class MNISTCLI(LightningCLI):
         else:
             args = list(sys.argv[1:] if args is None else args)
             check_config_files(args)
-            self.config = parser.parse_args(restore_from_checkpoint(args))
+            args, self.checked_ckpt = restore_from_checkpoint(args)
+            self.config = parser.parse_args(args)
 
     def _parse_ckpt_path(self) -> None:
         """Done before parsing by ``parse_arguments``; Lightning's version would override the user's flags."""
@@ -96,7 +100,8 @@ class MNISTCLI(LightningCLI):
         config = self.config[self.subcommand]
         check_class_paths(config)
         check_values(config)
-        if config.get("ckpt_path"):  # also when it came from a YAML file: refuse a bad one before anything starts
+        # A checkpoint named in a YAML file rather than on the command line is checked here, before anything starts.
+        if config.get("ckpt_path") and Path(config.ckpt_path) != self.checked_ckpt:
             load_checkpoint(config.ckpt_path)
         run_dir = os.environ.get(RUN_DIR_ENV) or run_dir_of(config.get("ckpt_path"))
         run_dir = Path(run_dir) if run_dir else None

@@ -88,18 +88,19 @@ def checkpoint_config(checkpoint: dict[str, Any], subcommand: str, path: Path) -
     return config
 
 
-def restore_from_checkpoint(args: list[str]) -> list[str]:
-    """``args`` with ``--ckpt_path`` resolved to a file and that checkpoint's config inserted as the first ``--config``."""
+def restore_from_checkpoint(args: list[str]) -> tuple[list[str], Optional[Path]]:
+    """``args`` with ``--ckpt_path`` resolved to a file and that checkpoint's config inserted as the first
+    ``--config``, and the checkpoint file (already loaded and checked here), if there is one."""
     sub = next((i for i, arg in enumerate(args) if arg in SUBCOMMANDS), None)
     if sub is None:
-        return args
+        return args, None
     head, rest = args[: sub + 1], args[sub + 1 :]
     value, where = option_value(rest, "ckpt_path")
     if not value or "-h" in rest or "--help" in rest:
-        return args
+        return args, None
     runs_dir = Path(option_value(rest, "runs_dir")[0] or "lightning_logs")
     path = resolve_ckpt(value, runs_dir)
     config = checkpoint_config(load_checkpoint(path), args[sub], path)
     rest = list(rest)
     rest[where] = str(path) if rest[where] == value else f"--ckpt_path={path}"
-    return [*head, "--config", yaml.safe_dump(config, sort_keys=False), *rest]
+    return [*head, "--config", yaml.safe_dump(config, sort_keys=False), *rest], path
