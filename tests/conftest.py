@@ -84,6 +84,14 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Completed
     )
 
 
+def run_module(module: str, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m MODULE ARGS`` (an mnist_dlops tool) in ``cwd``, with this checkout importable."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
 def read_scalars(run_dir: Path) -> dict[str, list[float]]:
     """Every scalar series in a run's TensorBoard events, read with TensorBoard's own reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -12,7 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_module
 
 from mnist_dlops.sources import read_idx_split
 
@@ -105,7 +105,7 @@ def test_export_matches_the_checkpoint(binary_run: Path, mnist_dir: Path) -> Non
 
     from mnist_dlops.module import MNISTModule
 
-    result = run_cli_module("mnist_dlops.export", "--ckpt_path", "best", cwd=binary_run)
+    result = run_module("mnist_dlops.export", "--ckpt_path", "best", cwd=binary_run)
     assert result.returncode == 0, result.stderr[-3000:]
     export_dir = binary_run / "lightning_logs/version_0/export"
     assert (export_dir / "classes.txt").read_text().split("\n")[:2] == ["no 3", "3"]
@@ -120,15 +120,6 @@ def test_export_matches_the_checkpoint(binary_run: Path, mnist_dir: Path) -> Non
     (onnx_out,) = session.run(None, {"images": images.numpy()})
     assert (scripted - expected).abs().max() < 1e-5
     assert np.abs(onnx_out - expected.numpy()).max() < 1e-5
-
-
-def run_cli_module(module: str, *args: str, cwd: Path):
-    import os
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torchmetrics.classification import BinaryAUROC, MulticlassAUROC
 
-from conftest import REPO, read_scalars, run_cli
+from conftest import REPO, read_scalars, run_cli, run_module
 from test_trackers import DEBUG, neptune_operations, wandb_records
 
 from mnist_dlops.diagnostics import confusion, pr_curves, roc_curves
@@ -131,7 +131,7 @@ def three_runs(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Pat
 
 
 def test_runs_table_lists_three_real_runs(three_runs: Path) -> None:
-    result = subprocess_runs(three_runs, "--csv", "runs.csv", "--plot", "val/loss", "--plot_file", "curves.png")
+    result = run_module("mnist_dlops.runs", "--csv", "runs.csv", "--plot", "val/loss", "--plot_file", "curves.png", cwd=three_runs)
     assert result.returncode == 0, result.stderr[-3000:]
     table = pd.read_csv(three_runs / "runs.csv")
     assert table["run"].tolist() == ["version_0", "version_1", "version_2"]
@@ -149,19 +149,10 @@ def test_runs_table_lists_three_real_runs(three_runs: Path) -> None:
     with Image.open(three_runs / "curves.png") as img:
         assert img.format == "PNG" and img.size[0] > 300
 
-    filtered = subprocess_runs(three_runs, "--where", "task=binary (3)", "--csv", "one.csv")
+    filtered = run_module("mnist_dlops.runs", "--where", "task=binary (3)", "--csv", "one.csv", cwd=three_runs)
     assert filtered.returncode == 0, filtered.stderr
     assert pd.read_csv(three_runs / "one.csv")["run"].tolist() == ["version_1"]
-    ranked = subprocess_runs(three_runs, "--sort", "val/loss", "--ascending", "true", "--csv", "ranked.csv")
+    ranked = run_module("mnist_dlops.runs", "--sort", "val/loss", "--ascending", "true", "--csv", "ranked.csv", cwd=three_runs)
     assert pd.read_csv(three_runs / "ranked.csv")["val/loss"].is_monotonic_increasing, ranked.stdout
-    bad = subprocess_runs(three_runs, "--where", "colour=blue")
+    bad = run_module("mnist_dlops.runs", "--where", "colour=blue", cwd=three_runs)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --where 'colour=blue'")
-
-
-def subprocess_runs(cwd: Path, *args: str):
-    import os
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "mnist_dlops.runs", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)

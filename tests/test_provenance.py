@@ -14,7 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import REPO, make_png_tree
+from conftest import REPO, make_png_tree, run_module
 from test_trackers import neptune_operations, wandb_records
 
 from mnist_dlops.data import MNISTDataModule
@@ -147,8 +147,7 @@ def test_every_tracker_holds_the_provenance_and_hardware_use(tmp_path: Path, tin
     cpu = metrics["DeviceStatsMonitor.on_train_batch_end/cpu_percent"].dropna()
     assert len(cpu) and ((cpu >= 0) & (cpu <= 100 * (torch.get_num_threads() + 64))).all()
 
-    table = subprocess.run([sys.executable, "-m", "mnist_dlops.runs", "--csv", "t.csv"], cwd=tmp_path,
-                           capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    table = run_module("mnist_dlops.runs", "--csv", "t.csv", cwd=tmp_path)
     assert table.returncode == 0, table.stderr
     row = pd.read_csv(tmp_path / "t.csv").iloc[0]
     assert row["data"] == fingerprint[:12] and row["tags"] == "nightly" and row["note"] == "tiny data"
