@@ -3,6 +3,7 @@ its resumable state."""
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from datetime import datetime, timezone
@@ -90,10 +91,15 @@ class RunConfigSaver(SaveConfigCallback):
         tmp.write_text(yaml.safe_dump(self.provenance, sort_keys=False))
         tmp.replace(self._provenance_file)
 
+    @functools.cached_property
+    def config_yaml(self) -> str:
+        """The run's whole config as YAML, dumped once: jsonargparse takes about 0.1 s, and it is fixed for the run."""
+        return self.parser.dump(self.config, skip_none=False)
+
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Log the full config (trainer, model, data, checkpoint) and the provenance to every tracker."""
         # Round-trip through the YAML dump: plain values only (no Path objects), exactly what config.yaml holds.
-        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        config = yaml.safe_load(self.config_yaml)
         for logger in trainer.loggers:
             logger.log_hyperparams({**config, "provenance": self.provenance})
             if hasattr(logger, "tag_run") and (self.provenance["tags"] or self.provenance["note"]):
@@ -128,7 +134,7 @@ class RunConfigSaver(SaveConfigCallback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """Keep the run's whole config in each checkpoint (as YAML text), so that ``fit --ckpt_path`` can resume it."""
-        checkpoint.setdefault(STATE_KEY, {})["config"] = self.parser.dump(self.config, skip_none=False)
+        checkpoint.setdefault(STATE_KEY, {})["config"] = self.config_yaml
 
 
 # Top-level key of this project's own entries in a checkpoint; every value under it is plain (weights_only-safe).
