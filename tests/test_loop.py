@@ -1,0 +1,80 @@
+"""The fast training loop: our own optimizer step equals Lightning's automatic one, every training image counts once
+in the epoch's train metrics, and the default progress bar gives way to one the config names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchmetrics.classification import MulticlassAccuracy
+
+from conftest import read_scalars, run_cli
+from mnist_dlops.data import MNISTDataModule
+from mnist_dlops.module import MNISTModule
+
+TINY = ["--trainer.max_epochs", "2", "--data.val_size", "20", "--data.batch_size", "16",
+        "--trainer.log_every_n_steps", "5", "--data.download", "false"]
+
+
+def fit(tmp_path: Path, data: Path, name: str, *args: str) -> Path:
+    """Fit on ``data`` in ``tmp_path/name``; the run's folder."""
+    return fit_with_output(tmp_path, data, name, *args)[0]
+
+
+def fit_with_output(tmp_path: Path, data: Path, name: str, *args: str) -> tuple[Path, str]:
+    """Fit on ``data`` in ``tmp_path/name``; the run's folder and what the run printed (stdout + stderr)."""
+    cwd = tmp_path / name
+    cwd.mkdir()
+    result = run_cli("fit", "--data.data_dir", str(data), *TINY, *args, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "lightning_logs" / "version_0", result.stdout + result.stderr
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def test_own_step_equals_lightnings_automatic_loop(tmp_path: Path, tiny_idx: Path) -> None:
+    """Gradient clipping hands the step back to Lightning's loop; a clip that never binds must change nothing."""
+    ours = fit(tmp_path, tiny_idx, "ours")
+    lightning = fit(tmp_path, tiny_idx, "lightning", "--trainer.gradient_clip_val", "1e9")
+    a, b = weights(ours), weights(lightning)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    scalars_a, scalars_b = read_scalars(ours), read_scalars(lightning)
+    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "val/f1"):
+        assert scalars_a[tag] == scalars_b[tag], tag
+    # Accumulation is Lightning's too, and runs.
+    fit(tmp_path, tiny_idx, "accumulate", "--trainer.accumulate_grad_batches", "2")
+
+
+def test_train_metrics_count_every_image_once(tmp_path: Path, tiny_idx: Path) -> None:
+    """With a learning rate too small to move a weight, the epoch's train/acc is the accuracy of the final weights
+    on every training image: none dropped or counted twice by the batches that wait before joining the metrics."""
+    run = fit(tmp_path, tiny_idx, "frozen", "--model.optimizer.lr", "1e-30", "--model.lr_scheduler", "null",
+              "--trainer.max_epochs", "1")
+    model = MNISTModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True).eval()
+    data = MNISTDataModule(data_dir=str(tiny_idx), val_size=20, download=False)
+    data.setup("fit")
+    images, labels = data.splits["train"]
+    with torch.no_grad():
+        expected = MulticlassAccuracy(num_classes=10, average="micro")(model(images), labels).item()
+    logged = read_scalars(run)["train/acc"]
+    assert len(logged) == 1
+    assert abs(logged[0] - expected) < 1e-6, (logged, expected)
+    assert 0.0 < expected < 1.0  # an untrained network on generated digits: some right, some wrong
+
+
+def test_a_named_progress_bar_replaces_the_default(tmp_path: Path, tiny_idx: Path) -> None:
+    """Ours is the default bar; naming Lightning's TQDM bar (or turning the bar off) is no conflict."""
+    _, default = fit_with_output(tmp_path, tiny_idx, "default", "--trainer.max_epochs", "1")
+    _, tqdm = fit_with_output(tmp_path, tiny_idx, "tqdm", "--trainer.max_epochs", "1",
+                              "--trainer.callbacks+", "pytorch_lightning.callbacks.TQDMProgressBar")
+    _, off = fit_with_output(tmp_path, tiny_idx, "off", "--trainer.max_epochs", "1",
+                             "--trainer.enable_progress_bar", "false")
+    # The Rich bar titles an epoch "Epoch 0/0" (of max_epochs - 1), the TQDM bar "Epoch 0: 100%"; no bar, neither.
+    rich, tqdm_done = "Epoch 0/0", "Epoch 0: 100%"
+    assert rich in default and tqdm_done not in default
+    assert tqdm_done in tqdm and rich not in tqdm
+    assert rich not in off and tqdm_done not in off
