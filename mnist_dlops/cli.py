@@ -8,11 +8,13 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from jsonargparse import Namespace
+from pytorch_lightning import Callback, Trainer
+from pytorch_lightning.callbacks import ProgressBar as LightningProgressBar
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from mnist_dlops.callbacks import ResumeState, RunConfigSaver
 from mnist_dlops.checkpoints import CheckpointError, RunCheckpoint, load_checkpoint
@@ -27,6 +29,7 @@ from mnist_dlops.config_checks import (
 from mnist_dlops.data import MNISTDataModule
 from mnist_dlops.module import MNISTModule
 from mnist_dlops.predictions import PredictionCSV
+from mnist_dlops.progress import ProgressBar
 from mnist_dlops.restore import restore_from_checkpoint
 from mnist_dlops.rundir import claim_run_dir, place_in_run, run_dir_of, unplace
 from mnist_dlops.sources import DataError
@@ -113,6 +116,17 @@ class MNISTCLI(LightningCLI):
         os.environ[RUN_DIR_ENV] = str(run_dir)
         self._as_given = config.clone()
         place_in_run(config, run_dir)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """Lightning's, with our progress bar as the default one (Lightning adds its Rich bar when none is listed)."""
+        listed = config.get("callbacks") or []
+        listed = listed if isinstance(listed, list) else [listed]
+        # Same rule as Lightning's own default: only when the bar is on and the config names no progress bar.
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, LightningProgressBar) for c in [*listed, *callbacks]
+        ):
+            callbacks = [*callbacks, ProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def after_instantiate_classes(self) -> None:
         """Keep the config as the user gave it (``{run_dir}``, no run paths): what config.yaml and checkpoints hold.
