@@ -149,6 +149,8 @@ def user_errors() -> Iterator[None]:
         yield
     except (ConfigError, CheckpointError) as err:
         _fail(str(err), 2)
+    except MisconfigurationException as err:  # Lightning's word for settings that cannot go together
+        _fail(one_line(str(err)), 2)
     except (DataError, ArithmeticError) as err:  # ArithmeticError: a diverged training (NaN loss or weights)
         _fail(str(err), 1)
     except SIGTERMException:

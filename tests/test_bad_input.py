@@ -94,6 +94,13 @@ def test_config_errors(tmp_path: Path, files: dict[str, str], args: list[str], f
     assert snapshot(tmp_path) == before
 
 
+def test_settings_lightning_refuses_together(tmp_path: Path, tiny_idx: Path) -> None:
+    """Lightning's own refusal (the default device stats need a logger) is one line too, and leaves no run behind."""
+    result = run_cli("fit", "--data.data_dir", str(tiny_idx), *TINY, "--trainer.logger", "false", cwd=tmp_path)
+    assert_one_line_error(result, 2, "DeviceStatsMonitor", "logger=False")
+    no_run_started(tmp_path)
+
+
 # ---- data errors: exit 1, naming the file and what is wrong, no training started ----------------------------------
 
 def _gz(path: Path, data: bytes) -> None:
