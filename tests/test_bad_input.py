@@ -219,6 +219,18 @@ def test_checkpoint_errors(tmp_path: Path, trained: Path, fault: str) -> None:
     assert {k: v for k, v in after.items() if k in run_before} == run_before  # the trained run is untouched
 
 
+def test_any_garbage_is_a_checkpoint_error(tmp_path: Path) -> None:
+    """Random bytes make torch's unpickler fail in many ways (IndexError, KeyError, UnicodeDecodeError...): each one
+    must be the one-line CheckpointError the CLI prints, never a traceback. 300 seeded garbage files, in-process."""
+    from mnist_dlops.checkpoints import CheckpointError, load_checkpoint
+
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        path = _write(tmp_path / f"g{i}.ckpt", rng.bytes(int(rng.integers(1, 5000))))
+        with pytest.raises(CheckpointError, match=f"g{i}.ckpt"):
+            load_checkpoint(path)
+
+
 # ---- training and output errors ------------------------------------------------------------------------------------
 
 def test_nan_loss_stops_within_a_step_and_saves_nothing(tmp_path: Path, tiny_idx: Path) -> None:
