@@ -28,7 +28,7 @@ class ProgressBar(RichProgressBar):
         self._drawn_at = float("-inf")
 
     def _due(self, done: int, total: float) -> bool:
-        """Whether to redraw after ``done`` of ``total`` batches."""
+        """Whether to redraw after ``done`` of ``total`` batches (asked only when enabled: other ranks count nothing)."""
         now = time.monotonic()
         if done >= total or now - self._drawn_at >= self.refresh_interval:
             self._drawn_at = now
@@ -37,20 +37,20 @@ class ProgressBar(RichProgressBar):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self._due(batch_idx + 1, self.total_train_batches):
+        if self.is_enabled and self._due(batch_idx + 1, self.total_train_batches):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self._due(batch_idx + 1, self.total_val_batches_current_dataloader):
+        if self.is_enabled and self._due(batch_idx + 1, self.total_val_batches_current_dataloader):
             super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
 
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self._due(batch_idx + 1, self.total_test_batches_current_dataloader):
+        if self.is_enabled and self._due(batch_idx + 1, self.total_test_batches_current_dataloader):
             super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
 
     def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self._due(batch_idx + 1, self.total_predict_batches_current_dataloader):
+        if self.is_enabled and self._due(batch_idx + 1, self.total_predict_batches_current_dataloader):
             super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
