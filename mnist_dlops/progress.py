@@ -16,7 +16,9 @@ class ProgressBar(RichProgressBar):
     says (the rate only turns it on or off): about 0.3 ms a batch, a quarter of a small network's training step.
     """
 
-    def __init__(self, refresh_interval: float = 0.1, leave: bool = False, console_kwargs: Optional[dict[str, Any]] = None) -> None:
+    def __init__(
+        self, refresh_interval: float = 0.1, leave: bool = False, console_kwargs: Optional[dict[str, Any]] = None
+    ) -> None:
         """
         Args:
             refresh_interval: Seconds between redraws; the bar always shows a loop's last batch.
@@ -28,7 +30,7 @@ class ProgressBar(RichProgressBar):
         self._drawn_at = float("-inf")
 
     def _due(self, done: int, total: float) -> bool:
-        """Whether to redraw after ``done`` of ``total`` batches (asked only when enabled: other ranks count nothing)."""
+        """Whether to redraw after ``done`` of ``total`` batches (asked only when enabled: other ranks count none)."""
         now = time.monotonic()
         if done >= total or now - self._drawn_at >= self.refresh_interval:
             self._drawn_at = now
