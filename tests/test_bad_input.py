@@ -262,6 +262,7 @@ def test_disk_full_names_the_checkpoint_and_keeps_the_previous_one(tmp_path: Pat
     assert not list(last.parent.glob("*.tmp"))
 
 
+@pytest.mark.slow  # several runs: in `pytest -m slow` and CI, to keep the default run near 10 minutes
 def test_resuming_a_one_cycle_run_with_another_length_is_one_line(tmp_path: Path, tiny_idx: Path) -> None:
     first = run_cli("fit", "--data.data_dir", str(tiny_idx), *TINY, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -124,6 +124,7 @@ def test_test_subcommand_lands_in_the_checkpoints_run(debug_run: Path, mnist_dir
     assert abs(scalars["test/acc"][-1] - scalars["val/acc"][-1]) < 0.05  # same weights, same distribution
 
 
+@pytest.mark.slow  # several runs: in `pytest -m slow` and CI, to keep the default run near 10 minutes
 def test_consecutive_runs_get_their_own_directories(tmp_path: Path, tiny_idx: Path) -> None:
     tmp_path = tmp_path / "work"
     tmp_path.mkdir()

@@ -44,6 +44,7 @@ def test_fingerprint_is_stable_and_follows_one_changed_png(tmp_path: Path) -> No
     assert MNISTDataModule(str(root), source="png").fingerprint != first
 
 
+@pytest.mark.slow  # several runs: in `pytest -m slow` and CI, to keep the default run near 10 minutes
 def test_runs_on_the_same_data_share_the_fingerprint_and_changed_data_warns(tmp_path: Path) -> None:
     root = make_png_tree(tmp_path / "pngs", per_class=4)
     args = ["fit", "--data.source", "png", "--data.data_dir", str(root), *TINY]

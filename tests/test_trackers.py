@@ -128,6 +128,7 @@ def test_all_trackers_share_one_run_and_test_lands_in_it(tmp_path: Path, mnist_d
     assert len(test_acc) == 1
 
 
+@pytest.mark.slow  # several runs: in `pytest -m slow` and CI, to keep the default run near 10 minutes
 def test_two_wandb_runs_in_a_row_with_a_bogus_key_finish_offline(tmp_path: Path, mnist_dir: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")  # "configured", but bogus
