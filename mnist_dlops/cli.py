@@ -161,6 +161,9 @@ def user_errors() -> Iterator[None]:
         )
         sys.exit(143)
     except RuntimeError as err:
+        message = " ".join(str(err).split())
+        if "not supported for manual optimization" in message:  # a callback that needs Lightning's own loop
+            _fail(f"{message.split('.')[0]}: set model.lightning_loop: true to train with it", 2)
         if "Error(s) in loading state_dict" not in str(err):
             raise
         detail = one_line(str(err).split("\n\t", 1)[-1], limit=200)

@@ -74,6 +74,7 @@ class MNISTModule(pl.LightningModule):
         class_names: Sequence[str] = tuple(str(d) for d in range(10)),
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: Optional[ScheduleCallable] = OneCycleLR,
+        lightning_loop: bool = False,
     ) -> None:
         """
         Args:
@@ -82,12 +83,16 @@ class MNISTModule(pl.LightningModule):
             optimizer: The optimizer class and its arguments (``lr`` etc.); built over the network's parameters.
             lr_scheduler: Schedule built as ``(optimizer, total_steps)`` and stepped after every step, e.g.
                 ``mnist_dlops.schedules.OneCycleLR`` or ``torch.optim.lr_scheduler.CosineAnnealingLR``; null for none.
+            lightning_loop: Always step with Lightning's automatic optimization (slower for small networks), as
+                callbacks such as ``GradientAccumulationScheduler`` require; gradient clipping and accumulation
+                switch to it by themselves.
         """
         super().__init__()
         self.save_hyperparameters()
         self.class_names = list(class_names)
         self.network = network(len(self.class_names))
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.lightning_loop = lightning_loop
         self.binary = len(self.class_names) == 2
         # One collection per stage (attributes, not a dict: nn.Module reserves the key "train").
         self.train_metrics = make_metrics(len(self.class_names), "train/")
@@ -109,7 +114,7 @@ class MNISTModule(pl.LightningModule):
         (``manual_backward``, the wrapped optimizer), so hooks, precision plugins and DDP behave as usual.
         """
         trainer = self._trainer
-        if trainer is None:
+        if trainer is None or self.lightning_loop:
             return True
         return bool(trainer.gradient_clip_val) or trainer.accumulate_grad_batches != 1
 

@@ -49,6 +49,22 @@ def test_own_step_equals_lightnings_automatic_loop(tmp_path: Path, tiny_idx: Pat
     fit(tmp_path, tiny_idx, "accumulate", "--trainer.accumulate_grad_batches", "2")
 
 
+def test_a_callback_that_needs_lightnings_loop(tmp_path: Path, tiny_idx: Path) -> None:
+    """GradientAccumulationScheduler refuses our own step: one line naming the switch, which then makes it work."""
+    scheduler = ('{"class_path": "pytorch_lightning.callbacks.GradientAccumulationScheduler",'
+                 ' "init_args": {"scheduling": {"0": 2}}}')
+    (tmp_path / "refused").mkdir()
+    refused = run_cli("fit", "--data.data_dir", str(tiny_idx), *TINY, "--trainer.callbacks+", scheduler,
+                      cwd=tmp_path / "refused")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr
+    assert "model.lightning_loop: true" in refused.stderr.strip().splitlines()[-1]
+    run = fit(tmp_path, tiny_idx, "accepted", "--trainer.callbacks+", scheduler, "--model.lightning_loop", "true",
+              "--trainer.max_epochs", "1")
+    # 280 training images in batches of 16: 18 batches, stepped every 2 (the last alone): 9 optimizer steps.
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9
+
+
 def test_train_metrics_count_every_image_once(tmp_path: Path, tiny_idx: Path) -> None:
     """With a learning rate too small to move a weight, the epoch's train/acc is the accuracy of the final weights
     on every training image: none dropped or counted twice by the batches that wait before joining the metrics."""
