@@ -19,9 +19,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-
-class CheckpointError(Exception):
-    """A checkpoint file that is missing or cannot be used; the message names the file and what to do."""
+from mnist_dlops.errors import CheckpointError, DivergedError
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -108,7 +106,7 @@ class RunCheckpoint(ModelCheckpoint):
         """Save, unless the weights are not finite: a diverged model never becomes ``best`` or ``last``."""
         bad = [name for name, p in trainer.lightning_module.named_parameters() if not torch.isfinite(p).all()]
         if bad:
-            raise ArithmeticError(f"not saving {filepath}: non-finite weights in {', '.join(bad[:3])}")
+            raise DivergedError(f"not saving {filepath}: non-finite weights in {', '.join(bad[:3])}")
         super()._save_checkpoint(trainer, filepath)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mnist_dlops.errors import DataError
+
 # File stems of the official MNIST release, per split, in (images, labels) order.
 IDX_FILES: dict[str, tuple[str, str]] = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -21,10 +23,6 @@ IDX_FILES: dict[str, tuple[str, str]] = {
 # The IDX magic numbers: 0x0000 0x08 (unsigned byte) then the number of dimensions.
 _IMAGES_MAGIC = 0x00000803
 _LABELS_MAGIC = 0x00000801
-
-
-class DataError(ValueError):
-    """A data file or folder that cannot be used; the message names it and says what is wrong."""
 
 
 def find_idx(data_dir: Path, stem: str) -> Path | None:

@@ -10,7 +10,7 @@ from conftest import make_png_tree
 
 from mnist_dlops import MNISTDataModule
 from mnist_dlops.batches import EpochOrder
-from mnist_dlops.sources import DataError
+from mnist_dlops.errors import DataError
 
 
 def _all(loader) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ import pytest
 from conftest import run_cli
 
 from mnist_dlops.download import MD5, ensure_mnist, md5sum
-from mnist_dlops.sources import DataError
+from mnist_dlops.errors import DataError
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -11,7 +11,8 @@ import torch
 from conftest import fake_digits, make_idx_set, make_png_tree, write_idx
 from PIL import Image
 
-from mnist_dlops.sources import DataError, read_idx_split, read_png_split
+from mnist_dlops.errors import DataError
+from mnist_dlops.sources import read_idx_split, read_png_split
 
 DIGITS = {str(d): d for d in range(10)}
 
