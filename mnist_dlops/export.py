@@ -17,10 +17,9 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from mnist_dlops.checkpoints import CheckpointError, load_checkpoint
-from mnist_dlops.config_checks import ConfigError, check_class_paths
+from mnist_dlops.errors import UserError
 from mnist_dlops.module import MNIST_MEAN, MNIST_STD, MNISTModule
-from mnist_dlops.restore import checkpoint_config, resolve_ckpt
+from mnist_dlops.restore import resolve_ckpt
 
 Format = Literal["torchscript", "onnx"]
 
@@ -42,19 +41,8 @@ class Probabilities(nn.Module):
 
 
 def rebuild(path: Path) -> MNISTModule:
-    """The module a checkpoint was trained as, with its weights (loaded as plain data; its class paths checked)."""
-    from jsonargparse import ArgumentParser
-
-    checkpoint = load_checkpoint(path)
-    model_config = checkpoint_config(checkpoint, "test", path)["model"]
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(MNISTModule, "model")
-    class_names = checkpoint["hyper_parameters"]["class_names"]
-    config = parser.parse_object({"model": {**model_config, "class_names": class_names}})
-    check_class_paths(config)
-    model = parser.instantiate(config).model
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.eval()
+    """The module a checkpoint was trained as, with its weights (``MNISTModule.load_from_checkpoint``'s checks)."""
+    return MNISTModule.load_from_checkpoint(path, map_location="cpu").eval()
 
 
 def sample_images(n: int = 256) -> Tensor:
@@ -131,9 +119,9 @@ def main() -> None:
 
     try:
         CLI(export, as_positional=False)
-    except (CheckpointError, ConfigError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":

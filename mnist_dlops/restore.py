@@ -14,7 +14,9 @@ from typing import Any, Optional
 import yaml
 
 from mnist_dlops.callbacks import STATE_KEY
-from mnist_dlops.checkpoints import CheckpointError, load_checkpoint
+from mnist_dlops.checkpoints import load_checkpoint
+from mnist_dlops.errors import CheckpointError, ConfigError
+from mnist_dlops.trust import check_classes
 from mnist_dlops.rundir import recorded_best, training_runs
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -101,6 +103,10 @@ def restore_from_checkpoint(args: list[str]) -> tuple[list[str], Optional[Path]]
     runs_dir = Path(option_value(rest, "runs_dir")[0] or "lightning_logs")
     path = resolve_ckpt(value, runs_dir)
     config = checkpoint_config(load_checkpoint(path), args[sub], path)
+    try:  # strictly, before the parser imports anything the checkpoint names
+        check_classes(config)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: {err}") from None
     rest = list(rest)
     rest[where] = str(path) if rest[where] == value else f"--ckpt_path={path}"
     return [*head, "--config", yaml.safe_dump(config, sort_keys=False), *rest], path
