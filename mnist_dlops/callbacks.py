@@ -18,6 +18,7 @@ from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.trainer.states import TrainerFn
 
 from mnist_dlops.provenance import code_version, environment
+from mnist_dlops.trackers.base import Tracker, tracker_keys
 
 
 def _iso(timestamp: float) -> str:
@@ -102,7 +103,7 @@ class RunConfigSaver(SaveConfigCallback):
         config = yaml.safe_load(self.config_yaml)
         for logger in trainer.loggers:
             logger.log_hyperparams({**config, "provenance": self.provenance})
-            if hasattr(logger, "tag_run") and (self.provenance["tags"] or self.provenance["note"]):
+            if isinstance(logger, Tracker) and (self.provenance["tags"] or self.provenance["note"]):
                 logger.tag_run(self.provenance["tags"], self.provenance["note"])
 
     def _finish(self, trainer: pl.Trainer, status: str) -> None:
@@ -113,9 +114,8 @@ class RunConfigSaver(SaveConfigCallback):
         end = {"ended": _iso(ended), "wall_time_s": round(ended - self._started, 3), "status": status}
         self.provenance.update(end)
         self._write_provenance()
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_run_end"):
-                logger.log_run_end(end)
+        for tracker in tracker_keys(trainer.loggers).values():
+            tracker.log_run_end(end)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._finish(trainer, "finished")
@@ -159,9 +159,8 @@ class ResumeState(Callback):
         }
         if trainer.is_global_zero:
             state["trackers"] = {
-                _tracker_key(i, logger): {**logger.state_dict(), "global_step": trainer.global_step}
-                for i, logger in enumerate(trainer.loggers)
-                if hasattr(logger, "state_dict")
+                key: {**tracker.state_dict(), "global_step": trainer.global_step}
+                for key, tracker in tracker_keys(trainer.loggers).items()
             }
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
@@ -176,11 +175,7 @@ class ResumeState(Callback):
             version, internal, gauss = rng["python"]
             random.setstate((version, tuple(internal), gauss))
         if trainer.is_global_zero:
-            trackers: dict[str, Any] = state.get("trackers", {})
-            for i, logger in enumerate(trainer.loggers):
-                if hasattr(logger, "load_state_dict") and _tracker_key(i, logger) in trackers:
-                    logger.load_state_dict(trackers[_tracker_key(i, logger)])
-
-
-def _tracker_key(index: int, logger: Any) -> str:
-    return f"{index}:{type(logger).__name__}"
+            saved: dict[str, Any] = state.get("trackers", {})
+            for key, tracker in tracker_keys(trainer.loggers).items():
+                if key in saved:
+                    tracker.load_state_dict(saved[key])

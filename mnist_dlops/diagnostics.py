@@ -32,6 +32,7 @@ from torchmetrics.functional.classification import (
 
 from mnist_dlops.callbacks import free_name
 from mnist_dlops.plots import Curve, confusion_figure, curves_figure, gallery_figure, to_rgb
+from mnist_dlops.trackers.base import tracker_keys
 
 
 def confusion(probs: Tensor, labels: Tensor) -> Tensor:
@@ -137,9 +138,8 @@ class Diagnostics(Callback):
         if not self.weight_histograms or not trainer.is_global_zero:
             return
         weights = {f"weights/{name}": p.detach().float().cpu() for name, p in pl_module.named_parameters()}
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_histograms"):
-                logger.log_histograms(weights, step=trainer.global_step)
+        for tracker in tracker_keys(trainer.loggers).values():
+            tracker.log_histograms(weights, step=trainer.global_step)
 
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         gathered = self._collected.gathered()
@@ -167,11 +167,7 @@ class Diagnostics(Callback):
         for name, fig in figures.items():
             fig.savefig(free_name(folder, f"{prefix}{name}", ".png"), dpi=100)
             image = to_rgb(fig)
-            for logger in trainer.loggers:
-                if hasattr(logger, "log_image"):
-                    logger.log_image(key=f"{stage}/{name}", images=[image], step=step)
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_classification"):
-                logger.log_classification(
-                    stage, labels.numpy(), probs.argmax(1).numpy(), roc, pr, class_names, step=step
-                )
+            for tracker in tracker_keys(trainer.loggers).values():
+                tracker.log_image(key=f"{stage}/{name}", images=[image], step=step)
+        for tracker in tracker_keys(trainer.loggers).values():
+            tracker.log_classification(stage, labels.numpy(), probs.argmax(1).numpy(), roc, pr, class_names, step=step)

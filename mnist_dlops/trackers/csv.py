@@ -11,6 +11,8 @@ from pytorch_lightning.loggers import CSVLogger as LightningCSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
+from mnist_dlops.trackers.base import Tracker
+
 
 class _AppendingWriter(ExperimentWriter):
     """Lightning's writer deletes an existing ``metrics.csv``; this one keeps it and appends under its header.
@@ -54,7 +56,7 @@ class _AppendingWriter(ExperimentWriter):
             self._write_rows(self.metrics_keys, kept)
 
 
-class CSVLogger(LightningCSVLogger):
+class CSVLogger(LightningCSVLogger, Tracker):
     """Lightning's CSV logger (``metrics.csv`` + ``hparams.yaml``), continuing the run's file when it exists.
 
     ``python cli.py test --ckpt_path`` and resumed runs add their rows to the run's ``metrics.csv``; a run resumed

@@ -19,6 +19,8 @@ from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.loggers.logger import Logger, rank_zero_experiment
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from mnist_dlops.trackers.base import Tracker
+
 
 @contextmanager
 def _data_directory(path: Path):
@@ -46,7 +48,7 @@ def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-class NeptuneLogger(Logger):
+class NeptuneLogger(Logger, Tracker):
     """Logs hyperparameters, metrics, tags, images and the best and last checkpoints to a Neptune run."""
 
     def __init__(

@@ -10,8 +10,10 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
+from mnist_dlops.trackers.base import Tracker
 
-class TensorBoardLogger(LightningTensorBoardLogger):
+
+class TensorBoardLogger(LightningTensorBoardLogger, Tracker):
     """Lightning's TensorBoard logger, with images and histograms for the diagnostics, and resumable.
 
     A run killed after its last checkpoint has logged steps that the resumed run logs again. On resume this logger

@@ -15,6 +15,8 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from torch import Tensor
 
+from mnist_dlops.trackers.base import Tracker
+
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 
 
@@ -46,7 +48,7 @@ def previous_run_id(save_dir: str) -> Optional[str]:
     return runs[-1].name.rsplit("-", 1)[-1] if runs else None
 
 
-class WandbLogger(LightningWandbLogger):
+class WandbLogger(LightningWandbLogger, Tracker):
     """Lightning's W&B logger, writing into the run directory, offline unless W&B is configured and reachable.
 
     Offline runs live in ``<run>/wandb/offline-run-*``; upload one later with ``wandb sync <that folder>``.
