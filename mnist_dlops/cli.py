@@ -17,22 +17,16 @@ from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCL
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from mnist_dlops.callbacks import ResumeState, RunConfigSaver
-from mnist_dlops.checkpoints import CheckpointError, RunCheckpoint, load_checkpoint
-from mnist_dlops.config_checks import (
-    ConfigError,
-    OneLineParser,
-    check_class_paths,
-    check_config_files,
-    check_values,
-    one_line,
-)
+from mnist_dlops.checkpoints import RunCheckpoint, load_checkpoint
+from mnist_dlops.config_checks import OneLineParser, check_config_files, check_values, one_line
 from mnist_dlops.data import MNISTDataModule
 from mnist_dlops.module import MNISTModule
 from mnist_dlops.predictions import PredictionCSV
 from mnist_dlops.progress import ProgressBar
 from mnist_dlops.restore import restore_from_checkpoint
 from mnist_dlops.rundir import claim_run_dir, place_in_run, run_dir_of, unplace
-from mnist_dlops.sources import DataError
+from mnist_dlops.errors import UserError
+from mnist_dlops.trust import check_classes, gate_args, import_gate
 
 # Lightning's DDP launcher re-runs this script once per extra process; they inherit the run directory through it.
 RUN_DIR_ENV = "MNIST_DLOPS_RUN_DIR"
@@ -67,8 +61,9 @@ class MNISTCLI(LightningCLI):
                 "checkpoint.filename": "epoch{epoch:02d}-val_loss{val/loss:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
                 "trainer.max_epochs": 3,
-                # Adam's fused kernel: one pass over each parameter instead of a dozen element-wise ops (CPU and GPU).
-                "model.optimizer": {"class_path": "torch.optim.Adam", "init_args": {"fused": True}},
+                # lr is the peak of the default one-cycle schedule. Adam's fused kernel: one pass over each parameter
+                # instead of a dozen element-wise ops (CPU and GPU).
+                "model.optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01, "fused": True}},
                 # Confusion matrix, ROC/PR curves and a gallery of mistakes for every tracker, and hardware utilization
                 # (CPU, memory; GPU when present) logged like any metric. Replaced by a config's
                 # own `trainer.callbacks` list (use `callbacks+:` to add to it instead).
@@ -88,10 +83,12 @@ class MNISTCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse, starting from the configuration stored in the ``--ckpt_path`` checkpoint when one is given."""
         if isinstance(args, (dict, Namespace)):
+            import_gate(args)
             self.config = parser.parse_object(args)
         else:
             args = list(sys.argv[1:] if args is None else args)
             check_config_files(args)
+            gate_args(args)  # before the parser imports what the arguments name
             args, self.checked_ckpt = restore_from_checkpoint(args)
             self.config = parser.parse_args(args)
 
@@ -103,7 +100,7 @@ class MNISTCLI(LightningCLI):
         if self.subcommand is None:
             return
         config = self.config[self.subcommand]
-        check_class_paths(config)
+        check_classes(config)
         check_values(config)
         # A checkpoint named in a YAML file rather than on the command line is checked here, before anything starts.
         if config.get("ckpt_path") and Path(config.ckpt_path) != self.checked_ckpt:
@@ -147,12 +144,10 @@ def user_errors() -> Iterator[None]:
     """
     try:
         yield
-    except (ConfigError, CheckpointError) as err:
-        _fail(str(err), 2)
+    except UserError as err:
+        _fail(str(err), err.exit_code)
     except MisconfigurationException as err:  # Lightning's word for settings that cannot go together
         _fail(one_line(str(err)), 2)
-    except (DataError, ArithmeticError) as err:  # ArithmeticError: a diverged training (NaN loss or weights)
-        _fail(str(err), 1)
     except SIGTERMException:
         run_dir = os.environ.get(RUN_DIR_ENV, "<run>")
         print(
@@ -160,14 +155,6 @@ def user_errors() -> Iterator[None]:
             file=sys.stderr,
         )
         sys.exit(143)
-    except RuntimeError as err:
-        message = " ".join(str(err).split())
-        if "not supported for manual optimization" in message:  # a callback that needs Lightning's own loop
-            _fail(f"{message.split('.')[0]}: set model.lightning_loop: true to train with it", 2)
-        if "Error(s) in loading state_dict" not in str(err):
-            raise
-        detail = one_line(str(err).split("\n\t", 1)[-1], limit=200)
-        _fail(f"the checkpoint does not fit this model ({detail}); was it trained for another network or task?", 2)
     except OSError as err:  # disk full, quota, read-only or missing folders: name the path
         where = err.filename or f"writing the run's files in {os.environ.get(RUN_DIR_ENV, os.getcwd())}"
         _fail(f"{where}: {err.strerror or err}", 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -26,6 +27,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from mnist_dlops.errors import DivergedError
 from mnist_dlops.networks import FastCNN
 from mnist_dlops.schedules import OneCycleLR
 
@@ -35,11 +37,9 @@ ScheduleCallable = Callable[[Optimizer, int], LRScheduler]  # (optimizer, total_
 # Mean and standard deviation of MNIST's training pixels, in [0, 1] units.
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 STAGES = ("train", "val", "test")
-# Training batches folded into the metric states at once (see ``MNISTModule._step``).
-PENDING_STEPS = 32
 
 
-class NonFiniteLossError(ArithmeticError):
+class NonFiniteLossError(DivergedError):
     """The training loss became NaN or infinite: training stops before that step updates the weights."""
 
 
@@ -74,7 +74,6 @@ class MNISTModule(pl.LightningModule):
         class_names: Sequence[str] = tuple(str(d) for d in range(10)),
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: Optional[ScheduleCallable] = OneCycleLR,
-        lightning_loop: bool = False,
     ) -> None:
         """
         Args:
@@ -83,16 +82,12 @@ class MNISTModule(pl.LightningModule):
             optimizer: The optimizer class and its arguments (``lr`` etc.); built over the network's parameters.
             lr_scheduler: Schedule built as ``(optimizer, total_steps)`` and stepped after every step, e.g.
                 ``mnist_dlops.schedules.OneCycleLR`` or ``torch.optim.lr_scheduler.CosineAnnealingLR``; null for none.
-            lightning_loop: Always step with Lightning's automatic optimization (slower for small networks), as
-                callbacks such as ``GradientAccumulationScheduler`` require; gradient clipping and accumulation
-                switch to it by themselves.
         """
         super().__init__()
         self.save_hyperparameters()
         self.class_names = list(class_names)
         self.network = network(len(self.class_names))
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
-        self.lightning_loop = lightning_loop
         self.binary = len(self.class_names) == 2
         # One collection per stage (attributes, not a dict: nn.Module reserves the key "train").
         self.train_metrics = make_metrics(len(self.class_names), "train/")
@@ -102,21 +97,52 @@ class MNISTModule(pl.LightningModule):
         self.example_input_array = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
         self.val_metrics = make_metrics(len(self.class_names), "val/")
         self.test_metrics = make_metrics(len(self.class_names), "test/")
-        # Training outputs (logits, labels) waiting to go into the train metrics' states, a few dozen steps at once.
-        self._pending: list[tuple[Tensor, Tensor]] = []
 
-    @property
-    def automatic_optimization(self) -> bool:
-        """Lightning's optimization loop only when the trainer asks for what only it does: clipping or accumulation.
+    @classmethod
+    def load_from_checkpoint(
+        cls, checkpoint_path: Any, map_location: Any = None, weights_only: Optional[bool] = None, **kwargs: Any
+    ) -> MNISTModule:
+        """Lightning's ``load_from_checkpoint`` for a checkpoint from anywhere: it is always loaded as plain data
+        (``weights_only``, whatever is asked), and the classes its hyper-parameters name are checked
+        (``mnist_dlops.trust``) before anything is built. Arguments given here override the checkpoint's."""
+        from mnist_dlops.checkpoints import load_checkpoint
+        from mnist_dlops.errors import CheckpointError, ConfigError
+        from mnist_dlops.trust import check_classes
 
-        Its closure machinery costs about 0.4 ms a step on a CPU, a third of the MLP's whole step. Otherwise
-        ``training_step`` runs zero_grad/backward/step/schedule itself, through the same Lightning calls
-        (``manual_backward``, the wrapped optimizer), so hooks, precision plugins and DDP behave as usual.
-        """
-        trainer = self._trainer
-        if trainer is None or self.lightning_loop:
-            return True
-        return bool(trainer.gradient_clip_val) or trainer.accumulate_grad_batches != 1
+        if kwargs.get("hparams_file"):
+            raise CheckpointError("hparams_file: not supported; pass the arguments to override as keywords")
+        checkpoint = load_checkpoint(checkpoint_path)
+        try:
+            check_classes({"model": {**(checkpoint.get("hyper_parameters") or {}), **kwargs}})
+        except ConfigError as err:
+            raise CheckpointError(f"{checkpoint_path}: {err}") from None
+        # The dict just checked is what Lightning builds from, not the file read again (which could have changed).
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        buffer.seek(0)
+        return super().load_from_checkpoint(buffer, map_location=map_location, weights_only=True, **kwargs)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse weights of another network or task, compared by parameter names and shapes."""
+        from mnist_dlops.errors import CheckpointError
+
+        # Metric states may be lists (AUROC keeps its inputs): only tensors have a shape to compare.
+        ours = {key: tuple(getattr(value, "shape", ())) for key, value in self.state_dict().items()}
+        theirs = {key: tuple(getattr(value, "shape", ())) for key, value in checkpoint.get("state_dict", {}).items()}
+        if ours != theirs:
+            missing = sorted(ours.keys() - theirs.keys())[:3]
+            extra = sorted(theirs.keys() - ours.keys())[:3]
+            shapes = [f"{k} {theirs[k]} vs {ours[k]}" for k in sorted(ours.keys() & theirs.keys()) if ours[k] != theirs[k]]
+            detail = "; ".join(
+                part for part in (
+                    f"missing {', '.join(missing)}" if missing else "",
+                    f"unexpected {', '.join(extra)}" if extra else "",
+                    f"shape of {', '.join(shapes[:3])}" if shapes else "",
+                ) if part
+            )
+            raise CheckpointError(
+                f"the checkpoint does not fit this model ({detail}); was it trained for another network or task?"
+            )
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits for a batch of MNIST images: uint8 ``[N, 1, 28, 28]`` (0-255), as the data module serves them."""
@@ -133,7 +159,8 @@ class MNISTModule(pl.LightningModule):
             self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True)
             self._update_metrics(getattr(self, f"{stage}_metrics"), logits.detach(), labels)
             return loss, logits
-        log_now = self.trainer._logger_connector.should_update_logs
+        # The steps at which Lightning writes step metrics to the loggers (every trainer.log_every_n_steps).
+        log_now = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
         # Stop before backward: the weights stay finite, and no checkpoint of a diverged model is ever written.
         # Reading the loss costs nothing on a CPU, so every step is checked there; on a GPU it would make the host
         # wait for the device at every step, so the check runs at logging steps (checkpoints still refuse NaNs).
@@ -144,36 +171,19 @@ class MNISTModule(pl.LightningModule):
                 "max_lr) and start again, or resume from the last checkpoint"
             )
         if log_now:
-            # Lightning's logging machinery costs about a millisecond a call, as much as a small network's step:
-            # log the running loss only at the steps the loggers write (every trainer.log_every_n_steps).
+            # Lightning would drop step values logged between those steps anyway: log only when they are written.
             self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(labels))
-        # Metric states are computed, logged and reset once per epoch (below). A torchmetrics update costs about
-        # 0.25 ms whatever the batch size, so training batches wait and are folded in PENDING_STEPS at a time.
-        self._pending.append((logits.detach(), labels))
-        if len(self._pending) >= PENDING_STEPS:
-            self._update_train_metrics()
+            # The lr that drove this step (the schedule's, peaking at the optimizer's lr), as every tracker shows it.
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        # Metric states are computed, logged and reset once per epoch (below).
+        self._update_metrics(self.train_metrics, logits.detach(), labels)
         return loss, logits
 
     def _update_metrics(self, metrics: MetricCollection, logits: Tensor, labels: Tensor) -> None:
         # Binary metrics want the positive class's probability; the multiclass ones take the logits.
         metrics.update(logits.softmax(-1)[:, 1] if self.binary else logits, labels)
 
-    def _update_train_metrics(self) -> None:
-        """Fold the pending training batches into the train metrics' states."""
-        if self._pending:
-            logits, labels = (torch.cat(parts) for parts in zip(*self._pending))
-            self._pending.clear()
-            self._update_metrics(self.train_metrics, logits, labels)
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """The weights and the train metrics' states, with every batch trained so far counted in them."""
-        # A checkpoint taken mid-epoch (last.ckpt every N steps, or on SIGTERM) must resume to the same epoch metrics.
-        self._update_train_metrics()
-        return super().state_dict(*args, **kwargs)
-
     def _log_epoch_metrics(self, stage: str) -> None:
-        if stage == "train":
-            self._update_train_metrics()
         metrics = getattr(self, f"{stage}_metrics")
         # compute() already gathers the states of every process under DDP.
         self.log_dict(metrics.compute(), prog_bar=stage != "train")
@@ -189,17 +199,7 @@ class MNISTModule(pl.LightningModule):
         self._log_epoch_metrics("test")
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self._step(batch, "train")[0]
-        if not self.automatic_optimization:
-            # What Lightning's automatic loop does, in the same order (see ``automatic_optimization``).
-            optimizer = self.optimizers()
-            optimizer.zero_grad()
-            self.manual_backward(loss)
-            optimizer.step()
-            schedule = self.lr_schedulers()
-            if schedule is not None:
-                schedule.step()
-        return loss
+        return self._step(batch, "train")[0]
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Class probabilities of the batch, handed to callbacks (the diagnostics plot them)."""

@@ -73,7 +73,9 @@ def run_row(run: Path) -> dict[str, object]:
         "model": _short((model.get("network") or {}).get("class_path")),
         "task": data.get("task", "multiclass") + (f" ({data.get('digit', 3)})" if data.get("task") == "binary" else ""),
         "optimizer": _short(optimizer.get("class_path")),
-        "lr": (optimizer.get("init_args") or {}).get("lr"),
+        # The peak the schedule follows: its max_lr when one is set, else the optimizer's lr.
+        "lr": ((model.get("lr_scheduler") or {}).get("init_args") or {}).get("max_lr")
+        or (optimizer.get("init_args") or {}).get("lr"),
         "batch_size": data.get("batch_size"),
         "epochs": trainer.get("max_epochs"),
     }

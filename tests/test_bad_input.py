@@ -222,7 +222,8 @@ def test_checkpoint_errors(tmp_path: Path, trained: Path, fault: str) -> None:
 def test_any_garbage_is_a_checkpoint_error(tmp_path: Path) -> None:
     """Random bytes make torch's unpickler fail in many ways (IndexError, KeyError, UnicodeDecodeError...): each one
     must be the one-line CheckpointError the CLI prints, never a traceback. 300 seeded garbage files, in-process."""
-    from mnist_dlops.checkpoints import CheckpointError, load_checkpoint
+    from mnist_dlops.checkpoints import load_checkpoint
+    from mnist_dlops.errors import CheckpointError
 
     rng = np.random.default_rng(0)
     for i in range(300):
@@ -243,7 +244,7 @@ def test_nan_loss_stops_within_a_step_and_saves_nothing(tmp_path: Path, tiny_idx
 def test_disk_full_names_the_checkpoint_and_keeps_the_previous_one(tmp_path: Path, tiny_idx: Path) -> None:
     # No diagnostics: their images would fill the small disk before the checkpoint does.
     first = run_cli("fit", "--data.data_dir", str(tiny_idx), *TINY, "--model.lr_scheduler", "null",
-                    "--trainer.callbacks", "[]", cwd=tmp_path)
+                    "--model.optimizer.lr", "0.001", "--trainer.callbacks", "[]", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
     before = snapshot(tmp_path / "lightning_logs")
