@@ -30,15 +30,22 @@ from mnist_dlops.trust import check_classes, gate_args, import_gate
 
 # Lightning's DDP launcher re-runs this script once per extra process; they inherit the run directory through it.
 RUN_DIR_ENV = "MNIST_DLOPS_RUN_DIR"
-# Run directories this process created, removed again if the run failed before it began (no config.yaml written).
-_CLAIMED: list[Path] = []
 
 
 class MNISTCLI(LightningCLI):
     """``fit``/``validate``/``test``/``predict`` over MNISTModule and MNISTDataModule, configured from YAML."""
 
-    # The --ckpt_path checkpoint already loaded and checked while parsing the command line, if any.
-    checked_ckpt: Optional[Path] = None
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The --ckpt_path checkpoint already loaded and checked while parsing the command line, if any.
+        self.checked_ckpt: Optional[Path] = None
+        # The run directory this call created, if any.
+        self.claimed: Optional[Path] = None
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            # A run that failed before it began (bad data, say) leaves no trace: only a tracker's empty start-up files.
+            if self.claimed is not None and self.claimed.is_dir() and not any(self.claimed.glob("config*.yaml")):
+                shutil.rmtree(self.claimed, ignore_errors=True)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -73,9 +80,10 @@ class MNISTCLI(LightningCLI):
                 ],
                 # The run config saver logs the whole config to every tracker, the model's arguments included.
                 "trainer.enable_autolog_hparams": False,
+                # The same as configs/tensorboard.yaml: one default.
                 "trainer.logger": {
                     "class_path": "mnist_dlops.trackers.tensorboard.TensorBoardLogger",
-                    "init_args": {"save_dir": "{run_dir}", "name": "", "version": ""},
+                    "init_args": {"log_graph": True},
                 },
             }
         )
@@ -108,9 +116,8 @@ class MNISTCLI(LightningCLI):
         run_dir = os.environ.get(RUN_DIR_ENV) or run_dir_of(config.get("ckpt_path"))
         run_dir = Path(run_dir) if run_dir else None
         if run_dir is None:
-            run_dir = claim_run_dir(Path(config.runs_dir))
-            _CLAIMED.append(run_dir)
-        os.environ[RUN_DIR_ENV] = str(run_dir)
+            run_dir = self.claimed = claim_run_dir(Path(config.runs_dir))
+        os.environ[RUN_DIR_ENV] = str(run_dir)  # for DDP's child processes; cli_main removes it again
         self._as_given = config.clone()
         place_in_run(config, run_dir)
 
@@ -166,7 +173,13 @@ def _fail(message: str, status: int) -> None:
 
 
 def cli_main(args: ArgsType = None) -> None:
-    """Parse ``args`` (default: the command line) and run the chosen subcommand."""
+    """Parse ``args`` (default: the command line) and run the chosen subcommand.
+
+    Re-entrant: each call is one run in its own directory, and leaves the process environment as it found it
+    (our run directory variable for DDP's children, Lightning's ``PL_GLOBAL_SEED``...), so a sweep or a test can call
+    it many times in one process.
+    """
+    environ = dict(os.environ)
     try:
         with user_errors():
             MNISTCLI(
@@ -180,10 +193,6 @@ def cli_main(args: ArgsType = None) -> None:
                 parser_class=OneLineParser,
             )
     finally:
-        # One run per call, also when called from Python. A run that failed before it began (bad data, say) leaves no
-        # trace: only a tracker's empty start-up files would be in it.
-        os.environ.pop(RUN_DIR_ENV, None)
-        while _CLAIMED:
-            run_dir = _CLAIMED.pop()
-            if run_dir.is_dir() and not any(run_dir.glob("config*.yaml")):
-                shutil.rmtree(run_dir, ignore_errors=True)
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        os.environ.update(environ)

@@ -14,8 +14,6 @@ from typing import Any, Optional
 from jsonargparse import Namespace
 
 _VERSION = re.compile(r"version_(\d+)$")
-# Written in a logger's arguments (``save_dir: "{run_dir}"``), stands for this run's directory.
-RUN_DIR_TOKEN = "{run_dir}"
 
 
 def claim_run_dir(runs_dir: Path) -> Path:
@@ -73,13 +71,10 @@ PLACED_KEYS = ("trainer.default_root_dir", "trainer.logger", "checkpoint.dirpath
 
 
 def place_in_run(config: Namespace, run_dir: Path) -> None:
-    """Point the trainer, the loggers' ``{run_dir}`` or unset (null) ``save_dir``, and the checkpoints at ``run_dir``."""
+    """Point the trainer, the loggers with an unset (null) ``save_dir``, and the checkpoints at ``run_dir``."""
     config.trainer.default_root_dir = str(run_dir)
     for logger in logger_configs(config.trainer.logger):
         init_args = logger.get("init_args") or Namespace()
-        for key, value in init_args.items():
-            if isinstance(value, str) and RUN_DIR_TOKEN in value:
-                init_args[key] = value.replace(RUN_DIR_TOKEN, str(run_dir))
         if "save_dir" in init_args and init_args.save_dir is None:
             init_args.save_dir = str(run_dir)
     if config.checkpoint.dirpath is None:

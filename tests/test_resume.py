@@ -25,9 +25,7 @@ trainer:
   enable_model_summary: false
   logger:
     - class_path: mnist_dlops.trackers.tensorboard.TensorBoardLogger
-      init_args: {{save_dir: "{{run_dir}}", name: "", version: ""}}
     - class_path: mnist_dlops.trackers.csv.CSVLogger
-      init_args: {{save_dir: "{{run_dir}}", name: "", version: ""}}
 checkpoint:
   last_every_n_train_steps: 10
 data:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from pytorch_lightning.loggers import CSVLogger as LightningCSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
@@ -62,6 +62,17 @@ class CSVLogger(LightningCSVLogger, Tracker):
     ``python cli.py test --ckpt_path`` and resumed runs add their rows to the run's ``metrics.csv``; a run resumed
     from a checkpoint first drops the rows its killed predecessor wrote after that checkpoint.
     """
+
+    def __init__(
+        self, save_dir: Optional[str] = None, name: Optional[str] = "", version: Optional[str] = "", **kwargs: Any
+    ) -> None:
+        """
+        Args:
+            save_dir: Folder of ``metrics.csv``; null: the run's directory (``lightning_logs`` outside the CLI).
+            name: Sub-folder below ``save_dir`` (none by default: the run directory is the experiment's).
+            version: Sub-folder below ``name`` (none by default).
+        """
+        super().__init__(save_dir if save_dir is not None else "lightning_logs", name=name, version=version, **kwargs)
 
     @property
     @rank_zero_experiment

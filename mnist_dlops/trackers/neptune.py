@@ -53,7 +53,7 @@ class NeptuneLogger(Logger, Tracker):
 
     def __init__(
         self,
-        save_dir: str = "{run_dir}",
+        save_dir: Optional[str] = None,
         project: Optional[str] = None,
         api_token: Optional[str] = None,
         mode: Literal["offline", "async", "sync", "debug"] = "offline",
@@ -64,7 +64,8 @@ class NeptuneLogger(Logger, Tracker):
     ) -> None:
         """
         Args:
-            save_dir: Folder for the offline data (``.neptune/`` inside it); ``{run_dir}`` is this run's directory.
+            save_dir: Folder for the offline data (``.neptune/`` inside it); null: the run's directory (the
+                working directory outside the CLI).
             project: ``workspace/project`` on a Neptune server (needed by the online modes).
             api_token: Token for that server; read from ``NEPTUNE_API_TOKEN`` when null.
             mode: ``offline`` writes to disk only (send later with ``neptune sync``); ``async``/``sync`` talk to
@@ -75,7 +76,7 @@ class NeptuneLogger(Logger, Tracker):
             upload_checkpoints: Upload the best and the last checkpoint when the run ends.
         """
         super().__init__()
-        self._save_dir, self._project, self._api_token, self._mode = save_dir, project, api_token, mode
+        self._save_dir, self._project, self._api_token, self._mode = save_dir or ".", project, api_token, mode
         self._name, self._tags = name, tags or []
         self._flush_interval, self._upload_checkpoints = flush_interval, upload_checkpoints
         self._run = None

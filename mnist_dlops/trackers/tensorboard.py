@@ -21,6 +21,17 @@ class TensorBoardLogger(LightningTensorBoardLogger, Tracker):
     reader then discards the earlier events from that step on, so every step shows once.
     """
 
+    def __init__(
+        self, save_dir: Optional[str] = None, name: Optional[str] = "", version: Optional[str] = "", **kwargs: Any
+    ) -> None:
+        """
+        Args:
+            save_dir: Folder of the event files; null: the run's directory (``lightning_logs`` outside the CLI).
+            name: Sub-folder below ``save_dir`` (none by default: the run directory is the experiment's).
+            version: Sub-folder below ``name`` (none by default).
+        """
+        super().__init__(save_dir if save_dir is not None else "lightning_logs", name=name, version=version, **kwargs)
+
     def state_dict(self) -> dict[str, Any]:
         """Nothing to keep: the checkpoint's step is enough. Flushes, so that the events so far are on disk."""
         if self._experiment is not None:

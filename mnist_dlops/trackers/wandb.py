@@ -61,7 +61,7 @@ class WandbLogger(LightningWandbLogger, Tracker):
         name: Optional[str] = None,
         tags: Optional[list[str]] = None,
         notes: Optional[str] = None,
-        save_dir: str = "{run_dir}",
+        save_dir: Optional[str] = None,
         mode: Literal["auto", "online", "offline"] = "auto",
         connect_timeout: float = 5.0,
         log_model: bool = False,
@@ -72,7 +72,7 @@ class WandbLogger(LightningWandbLogger, Tracker):
             name: Display name of the run (W&B picks one when null).
             tags: Tags shown and filterable in W&B.
             notes: A free-text description of the run.
-            save_dir: Folder for W&B's files; ``{run_dir}`` is this run's directory.
+            save_dir: Folder for W&B's files; null: the run's directory (the working directory outside the CLI).
             mode: ``auto`` is online when W&B is configured (API key, ``wandb login`` or ``WANDB_MODE``) and its
                 server answers within ``connect_timeout``, offline otherwise; ``online``/``offline`` force it.
             connect_timeout: Seconds to wait for the W&B server before falling back to offline.
@@ -81,7 +81,7 @@ class WandbLogger(LightningWandbLogger, Tracker):
         super().__init__(
             name=name,
             project=project,
-            save_dir=save_dir,
+            save_dir=save_dir or ".",
             tags=tags,
             notes=notes,
             log_model=log_model,
