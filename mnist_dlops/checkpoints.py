@@ -9,6 +9,7 @@ import io
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,20 +32,31 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: is a folder; pass a .ckpt file (e.g. {path}/checkpoints/last.ckpt)")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (an interrupted copy or save?); use another checkpoint")
+    # torch.save writes a zip archive (data.pkl and the tensors): anything else is not a checkpoint at all.
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":  # a zip's first entry, without the directory at its end: cut short
+                raise CheckpointError(f"{path}: truncated or corrupted checkpoint (the archive ends early)")
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch saves checkpoints as zip archives)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            raise CheckpointError(
-                f"{path}: holds Python objects that would run code when loaded; refusing to load it "
-                "(checkpoints of this project hold tensors and plain values only)"
-            ) from None
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from None
+    except pickle.UnpicklingError:
+        # A well-formed archive whose pickle names a class or function: weights_only refuses to import it.
+        raise CheckpointError(
+            f"{path}: holds Python objects that would run code when loaded; refusing to load it "
+            "(checkpoints of this project hold tensors and plain values only)"
+        ) from None
     except Exception as err:  # noqa: BLE001 - garbage bytes make the unpickler fail in any way (IndexError, KeyError...)
         raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({_first_line(err)})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict in it)")
     return checkpoint
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _first_line(err: BaseException) -> str:
@@ -69,6 +81,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.write(buffer.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); a checkpoint is a run file like any
             os.replace(tmp, path)
         except OSError as err:  # disk full, quota, read-only: name the checkpoint; the previous one is untouched
             Path(tmp).unlink(missing_ok=True)
@@ -110,6 +123,9 @@ class RunCheckpoint(ModelCheckpoint):
         super()._save_checkpoint(trainer, filepath)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Always the run's own folder: Lightning would otherwise nest it under the first logger's name and version.
+        # Resolved, as Lightning resolves a dirpath given to __init__: a resumed run must find its own last.ckpt.
+        self.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
         super().setup(trainer, pl_module, stage)
         # Lightning's default IO writes the file in place; swap it for the atomic one unless the user chose another.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:

@@ -39,18 +39,40 @@ class OneLineParser(LightningArgumentParser):
 
 
 def check_values(config: Namespace) -> None:
-    """Values that parse but make no sense, caught before any run directory exists."""
+    """Values that parse but make no sense, or would write outside the run, caught before any run directory exists."""
     optimizer = config.get("model.optimizer")
     lr = optimizer.get("init_args", Namespace()).get("lr") if isinstance(optimizer, Namespace) else None
     if isinstance(lr, (int, float)) and not lr > 0:
         raise ConfigError(f"model.optimizer.init_args.lr={lr}: must be > 0")
     epochs = config.get("trainer.max_epochs")
-    if epochs is not None and epochs < -1:
-        raise ConfigError(f"trainer.max_epochs={epochs}: must be >= 0 (or -1 for no limit)")
-    for key in ("trainer.limit_train_batches", "trainer.limit_val_batches", "trainer.limit_test_batches"):
+    if epochs is not None and (epochs == 0 or epochs < -1):
+        raise ConfigError(f"trainer.max_epochs={epochs}: must be >= 1 (or -1 for no limit)")
+    limits = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+    for key in (f"trainer.{name}" for name in limits):
         value = config.get(key)
         if isinstance(value, (int, float)) and value < 0:
             raise ConfigError(f"{key}={value}: must be >= 0")
+    if config.get("trainer.limit_train_batches") == 0:
+        raise ConfigError("trainer.limit_train_batches=0: nothing would be trained; give a number of batches >= 1")
+    if not str(config.get("runs_dir") or "").strip():
+        raise ConfigError("runs_dir='': give the folder that holds the runs (default: lightning_logs)")
+    # A run writes only inside its own directory: checkpoints go to <run>/checkpoints, named without a path.
+    if config.get("trainer.default_root_dir") is not None:
+        raise ConfigError(
+            f"trainer.default_root_dir={config.trainer.default_root_dir}: each run gets its own directory under "
+            "--runs_dir; set that instead"
+        )
+    if config.get("checkpoint.dirpath") is not None:
+        raise ConfigError(
+            f"checkpoint.dirpath={config.checkpoint.dirpath}: checkpoints are always written to the run's "
+            "checkpoints/ folder; use --runs_dir to choose where runs go"
+        )
+    name = re.sub(r"\{[^}]*\}", "", str(config.get("checkpoint.filename") or ""))  # metric fields may hold a '/'
+    if "/" in name or "\\" in name or name.startswith("."):
+        raise ConfigError(
+            f"checkpoint.filename={config.checkpoint.filename}: a file name, without folders (it goes into the "
+            "run's checkpoints/ folder)"
+        )
 
 
 def check_config_files(args: list[str]) -> None:
@@ -65,8 +87,12 @@ def check_config_files(args: list[str]) -> None:
             continue  # a missing file is jsonargparse's to report; a YAML string is parsed as such
         try:
             with open(path) as f:
-                yaml.safe_load(f)
+                content = yaml.safe_load(f)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ConfigError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', None) or err}") from None
+        if content is None:
+            raise ConfigError(f"{path}: empty config file (expected keys such as trainer:, model:, data:)")
+        if not isinstance(content, dict):
+            raise ConfigError(f"{path}: a config file holds keys (trainer:, model:, data:...), not a {type(content).__name__}")

@@ -87,14 +87,27 @@ class MNISTDataModule(pl.LightningDataModule):
     def fingerprint(self) -> str:
         """Content hash of the data files this module reads (IDX files or the PNG tree), computed once per run."""
         if self._fingerprint is None:
-            self._fingerprint = data_fingerprint(self.data_dir, self._data_files())
+            self._fingerprint = data_fingerprint(self.data_dir, self.data_files())
         return self._fingerprint
 
-    def _data_files(self) -> list[Path]:
+    def data_files(self) -> list[Path]:
+        """The files of the data set: the four IDX files, or every file of the PNG tree's train/ and test/.
+
+        All of them, whatever the stage reads, so that fit and test fingerprint the same data set: a data set with
+        a part missing is an error here, not a fingerprint of three files.
+        """
         if self.source == "png":
+            missing = [split for split in ("train", "test") if not (self.data_dir / split).is_dir()]
+            if missing:
+                raise DataError(f"{self.data_dir / missing[0]}: no such folder (a PNG data set has train/ and test/)")
             return [p for split in ("train", "test") for p in (self.data_dir / split).rglob("*") if p.is_file()]
-        files = [find_idx(self.data_dir, stem) for pair in IDX_FILES.values() for stem in pair]
-        return [f for f in files if f is not None]
+        stems = [stem for pair in IDX_FILES.values() for stem in pair]
+        missing = [stem for stem in stems if find_idx(self.data_dir, stem) is None]
+        if missing:
+            raise DataError(
+                f"{self.data_dir}: {', '.join(missing)} missing (an MNIST data set is four files: {', '.join(stems)})"
+            )
+        return [find_idx(self.data_dir, stem) for stem in stems]
 
     def state_dict(self) -> dict[str, Any]:
         """Kept in every checkpoint: the fingerprint of the data it was trained (or evaluated) on."""

@@ -9,6 +9,8 @@ names are written beside it in ``classes.txt``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 from pathlib import Path
 from collections.abc import Sequence
@@ -17,7 +19,8 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from mnist_dlops.errors import UserError
+from mnist_dlops.callbacks import free_name
+from mnist_dlops.errors import ConfigError, UserError
 from mnist_dlops.module import MNIST_MEAN, MNIST_STD, MNISTModule
 from mnist_dlops.restore import resolve_ckpt
 
@@ -62,7 +65,8 @@ def export(
     Args:
         ckpt_path: A .ckpt file, a run folder, or ``last``/``best`` of the newest run under ``runs_dir``.
         formats: Which exports to write: ``torchscript`` (``model.pt``) and/or ``onnx`` (``model.onnx``).
-        out_dir: Where to write them; default ``<run>/export`` beside the checkpoint's folder.
+        out_dir: Where to write them; default ``<run>/export`` beside the checkpoint's folder (``export-1``,
+            ``export-2``... when it exists: an export never replaces an earlier one).
         runs_dir: Folder of the runs, for ``last``/``best``.
         tolerance: Largest absolute difference in probabilities allowed between an export and the checkpoint.
 
@@ -72,7 +76,9 @@ def export(
     path = resolve_ckpt(ckpt_path, Path(runs_dir))
     module = rebuild(path)
     model = Probabilities(module).eval()
-    out = Path(out_dir) if out_dir else path.resolve().parent.parent / "export"
+    out = Path(out_dir) if out_dir else free_name(path.resolve().parent.parent, "export", "")
+    if any((out / name).exists() for name in ("model.pt", "model.onnx", "classes.txt")):
+        raise ConfigError(f"out_dir={out}: already holds an export; choose another folder (nothing is overwritten)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "classes.txt").write_text("\n".join(model.class_names) + "\n")
     images = sample_images()
@@ -84,7 +90,7 @@ def export(
         file, outputs = (_torchscript if fmt == "torchscript" else _onnx)(model, images, out)
         errors[fmt] = float((outputs - expected).abs().max())
         verdict = "ok" if errors[fmt] <= tolerance else "MISMATCH"
-        print(f"{fmt}: {file} (max |difference| vs checkpoint {errors[fmt]:.2e}, {verdict})")
+        print(f"{fmt}: {file} (max |difference| from the checkpoint {errors[fmt]:.1e}: {verdict})")
         if errors[fmt] > tolerance:
             raise SystemExit(f"error: the {fmt} export differs from the checkpoint by {errors[fmt]:.2e} > {tolerance}")
     return errors
@@ -101,12 +107,13 @@ def _onnx(model: nn.Module, images: Tensor, out: Path) -> tuple[Path, Tensor]:
     try:
         import onnxruntime
     except ImportError:
-        raise SystemExit('error: ONNX export needs onnx, onnxscript and onnxruntime: pip install -e ".[export]"')
+        raise SystemExit('error: ONNX export needs onnx, onnxscript and onnxruntime: pip install -c constraints.txt -e ".[export]"')
     file = out / "model.onnx"
     batch = torch.export.Dim("batch")
-    program = torch.onnx.export(
-        model, (images[:2],), dynamic_shapes={"images": {0: batch}}, input_names=["images"], output_names=["probs"]
-    )
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates each of its passes
+        program = torch.onnx.export(
+            model, (images[:2],), dynamic_shapes={"images": {0: batch}}, input_names=["images"], output_names=["probs"]
+        )
     program.save(str(file))
     session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
     (outputs,) = session.run(None, {"images": images.numpy()})

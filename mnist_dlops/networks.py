@@ -6,6 +6,7 @@ the network and its own sizes only (``model.network.class_path`` + ``init_args``
 
 from __future__ import annotations
 
+from jsonargparse.typing import PositiveInt
 from torch import Tensor, nn
 
 
@@ -17,7 +18,7 @@ def _conv_block(c_in: int, c_out: int, kernel_size: int = 3) -> nn.Sequential:
 class MLP(nn.Module):
     """The seeds' multilayer perceptron: 784 -> hidden -> num_classes."""
 
-    def __init__(self, num_classes: int, hidden: int = 100) -> None:
+    def __init__(self, num_classes: int, hidden: PositiveInt = 100) -> None:
         """
         Args:
             num_classes: Number of output logits (set by the CLI from the data module's task).
@@ -33,7 +34,7 @@ class MLP(nn.Module):
 class SeedCNN(nn.Module):
     """The seeds' CNN: conv 64 -> conv 128 (each 3x3, ReLU, 2x2 max-pool) -> linear."""
 
-    def __init__(self, num_classes: int, channels: tuple[int, int] = (64, 128)) -> None:
+    def __init__(self, num_classes: int, channels: tuple[PositiveInt, PositiveInt] = (64, 128)) -> None:
         """
         Args:
             num_classes: Number of output logits (set by the CLI from the data module's task).
@@ -54,7 +55,9 @@ class FastCNN(nn.Module):
     About 110k parameters; reaches ~99.2% test accuracy in 3 epochs, ~4x cheaper per step than SeedCNN.
     """
 
-    def __init__(self, num_classes: int, channels: tuple[int, int] = (16, 32), hidden: int = 64) -> None:
+    def __init__(
+        self, num_classes: int, channels: tuple[PositiveInt, PositiveInt] = (16, 32), hidden: PositiveInt = 64
+    ) -> None:
         """
         Args:
             num_classes: Number of output logits (set by the CLI from the data module's task).

@@ -67,18 +67,17 @@ def logger_configs(logger: Any) -> list[Namespace]:
 
 
 # The config keys ``place_in_run`` fills in.
-PLACED_KEYS = ("trainer.default_root_dir", "trainer.logger", "checkpoint.dirpath")
+PLACED_KEYS = ("trainer.default_root_dir", "trainer.logger")
 
 
 def place_in_run(config: Namespace, run_dir: Path) -> None:
-    """Point the trainer, the loggers with an unset (null) ``save_dir``, and the checkpoints at ``run_dir``."""
+    """Point the trainer and the loggers with an unset (null) ``save_dir`` at ``run_dir`` (checkpoints follow the
+    trainer's directory: ``RunCheckpoint.setup``)."""
     config.trainer.default_root_dir = str(run_dir)
     for logger in logger_configs(config.trainer.logger):
         init_args = logger.get("init_args") or Namespace()
         if "save_dir" in init_args and init_args.save_dir is None:
             init_args.save_dir = str(run_dir)
-    if config.checkpoint.dirpath is None:
-        config.checkpoint.dirpath = str(run_dir / "checkpoints")
 
 
 def unplace(config: Namespace, as_given: Namespace) -> None:

@@ -5,7 +5,8 @@
     python -m mnist_dlops.runs --csv runs.csv --plot val/loss   # also write a CSV and a PNG of the curves
 
 Metrics are read from the run's ``metrics.csv`` when it has one, else from its TensorBoard events, with
-TensorBoard's own reader. Runs logged only to W&B or Neptune list their settings and checkpoint, no metrics.
+TensorBoard's own reader; whatever the trackers, each stage's last values are also in its ``provenance*.yaml``,
+so runs logged only to W&B or Neptune show them too. The table fits a terminal; ``--csv`` has every column.
 """
 
 from __future__ import annotations
@@ -61,10 +62,21 @@ def best_checkpoint(run: Path) -> Optional[str]:
     return str(candidates[-1]) if candidates else None
 
 
+def _read_yaml(path: Path) -> dict:
+    """A run's YAML record, or an error naming the file."""
+    try:
+        content = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: unreadable ({type(err).__name__})") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: not a mapping")
+    return content
+
+
 def run_row(run: Path) -> dict[str, object]:
     """One row of the table: key settings, tags, data fingerprint and git commit (short), best ``val/*``, last
     ``test/*``, best checkpoint and date."""
-    config = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    config = _read_yaml(run / "config.yaml")
     model, data, trainer = config.get("model") or {}, config.get("data") or {}, config.get("trainer") or {}
     optimizer = model.get("optimizer") or {}
     row: dict[str, object] = {
@@ -82,38 +94,77 @@ def run_row(run: Path) -> dict[str, object]:
     run_labels = config.get("run") or {}
     row["tags"] = ",".join(run_labels.get("tags") or [])
     row["note"] = run_labels.get("note") or ""
-    provenance_file = run / "provenance.yaml"
-    provenance = yaml.safe_load(provenance_file.read_text()) if provenance_file.is_file() else {}
+    provenance = _read_yaml(run / "provenance.yaml")
+    sweep = provenance.get("sweep") or {}
+    row["sweep"], row["trial"], row["state"] = sweep.get("study", ""), sweep.get("trial", ""), sweep.get("state", "")
     row["data"] = ((provenance.get("data") or {}).get("fingerprint") or "")[:12]
     code = provenance.get("code") or {}
     row["commit"] = (code.get("commit") or "")[:10] + ("+dirty" if code.get("dirty") else "")
+    # Tracker-independent last values first (fit, then each later evaluation), then the curves' best val/*.
+    for record in [run / "provenance.yaml", *sorted(run.glob("provenance.*.yaml"), key=lambda p: p.stat().st_mtime)]:
+        for tag, value in (_read_yaml(record).get("metrics") or {}).items():
+            if tag.startswith(("val/", "test/")):
+                row[tag] = value
     scalars = history(run)
     for tag, values in scalars.groupby("tag")["value"]:
         if tag.startswith("val/"):
             row[tag] = values.min() if "loss" in tag else values.max()
-    for tag, values in scalars.groupby("tag")["value"]:
-        if tag.startswith("test/"):
+        elif tag.startswith("test/"):
             row[tag] = values.iloc[-1]
     row["best_checkpoint"] = best_checkpoint(run)
     return row
 
 
 def runs_table(runs_dir: Path) -> pd.DataFrame:
-    """The table of every training run under ``runs_dir``."""
-    return pd.DataFrame([run_row(run) for run in training_runs(runs_dir)])
+    """The table of every training run under ``runs_dir``; a run whose record cannot be read is skipped, saying so."""
+    import sys
+
+    rows = []
+    for run in training_runs(runs_dir):
+        try:
+            rows.append(run_row(run))
+        except ValueError as err:
+            print(f"warning: skipping {run.name}: {err}", file=sys.stderr)
+    return pd.DataFrame(rows)
+
+
+# What the table shows in a terminal; ``--csv`` and ``--all_columns`` have the rest.
+COMPACT = ["run", "sweep", "trial", "state", "model", "task", "lr", "batch_size", "epochs", "tags",
+           "val/acc", "val/loss", "test/acc", "date"]
+_CONDITION = re.compile(r"\s*([^<>=!,]+?)\s*(>=|<=|!=|=|>|<)\s*(.*?)\s*")
+
+
+def split_conditions(where: str) -> list[str]:
+    """``a=1,b>2`` into conditions; a piece without an operator continues the one before (``tags=a,b``)."""
+    conditions: list[str] = []
+    for piece in where.split(","):
+        if conditions and not _CONDITION.fullmatch(piece):
+            conditions[-1] += "," + piece
+        elif piece.strip():
+            conditions.append(piece)
+    return conditions
 
 
 def apply_where(table: pd.DataFrame, condition: str) -> pd.DataFrame:
-    """Keep the rows meeting ``column<op>value`` (``=``, ``!=``, ``<``, ``<=``, ``>``, ``>=``)."""
-    match = re.fullmatch(r"\s*([^<>=!]+?)\s*(>=|<=|!=|=|>|<)\s*(.*?)\s*", condition)
+    """Keep the rows meeting ``column<op>value`` (``=``, ``!=``, ``<``, ``<=``, ``>``, ``>=``); ``tags=a,b`` keeps
+    the runs holding every one of those tags."""
+    match = _CONDITION.fullmatch(condition)
     if not match or match.group(1) not in table.columns:
         columns = ", ".join(table.columns)
         raise ValueError(f"--where {condition!r}: expected <column><op><value> with a column among: {columns}")
     column, op, value = match.groups()
+    if not value or value[0] in "<>=!":
+        raise ValueError(f"--where {condition!r}: no value after {op!r}")
+    if column == "tags" and op in ("=", "!="):
+        wanted = {tag.strip() for tag in value.split(",")}
+        has = table["tags"].map(lambda tags: wanted <= set(str(tags).split(",")))
+        return table[has if op == "=" else ~has]
     try:
         target: object = float(value)
         values = pd.to_numeric(table[column], errors="coerce")
     except ValueError:
+        if op not in ("=", "!="):
+            raise ValueError(f"--where {condition!r}: {op!r} needs a number, not {value!r}") from None
         target, values = value, table[column].astype(str)
     return table[_OPS[op](values, target)]
 
@@ -143,6 +194,7 @@ def runs(
     csv: Optional[str] = None,
     plot: Optional[str] = None,
     plot_file: str = "runs.png",
+    all_columns: bool = False,
 ) -> pd.DataFrame:
     """List the training runs: settings, best validation and test metrics, best checkpoint, date.
 
@@ -154,20 +206,32 @@ def runs(
         csv: Also write the table to this CSV file.
         plot: A metric (e.g. ``val/loss``) to draw over steps for the listed runs, into ``plot_file``.
         plot_file: The PNG file for ``plot``.
+        all_columns: Print every column (settings, data fingerprint, commit, every metric), not a terminal's width.
     """
+    if not Path(runs_dir).is_dir():
+        raise ValueError(f"--runs_dir {runs_dir}: no such folder")
     table = runs_table(Path(runs_dir))
     if table.empty:
         print(f"no training runs under {runs_dir}")
         return table
-    for condition in (where or "").split(","):
-        if condition.strip():
-            table = apply_where(table, condition)
+    everything = table
+    for condition in split_conditions(where or ""):
+        table = apply_where(table, condition)
+    if table.empty:
+        column = _CONDITION.fullmatch(split_conditions(where or "")[-1]).group(1)
+        seen = ", ".join(sorted({str(v) for v in everything[column].dropna()})[:10])
+        print(f"no run matches --where {where!r} ({len(everything)} runs; {column} takes: {seen})")
+        return table
     if sort:
         if sort not in table.columns:
             raise ValueError(f"--sort {sort!r}: no such column (columns: {', '.join(table.columns)})")
         table = table.sort_values(sort, ascending=ascending)
-    with pd.option_context("display.max_columns", None, "display.width", 250, "display.max_colwidth", 70):
-        print(table.drop(columns=["best_checkpoint"]).to_string(index=False))
+    compact = [c for c in COMPACT if c in table.columns and table[c].astype(str).ne("").any()]
+    shown = table if all_columns else table[compact]
+    width = 250 if all_columns else 120
+    with pd.option_context("display.max_columns", None, "display.width", width, "display.max_colwidth", 40,
+                           "display.precision", 4):
+        print(shown.drop(columns=["best_checkpoint"], errors="ignore").to_string(index=False))
         print("\nbest checkpoints:\n" + "\n".join(f"  {r}: {c}" for r, c in zip(table["run"], table["best_checkpoint"])))
     if csv:
         table.to_csv(csv, index=False)

@@ -95,8 +95,10 @@ def test_config_errors(tmp_path: Path, files: dict[str, str], args: list[str], f
 
 
 def test_settings_lightning_refuses_together(tmp_path: Path, tiny_idx: Path) -> None:
-    """Lightning's own refusal (the default device stats need a logger) is one line too, and leaves no run behind."""
-    result = run_cli("fit", "--data.data_dir", str(tiny_idx), *TINY, "--trainer.logger", "false", cwd=tmp_path)
+    """Lightning's own refusal (its device stats need a logger; ours stay idle without one) is one line too, and
+    leaves no run behind."""
+    result = run_cli("fit", "--data.data_dir", str(tiny_idx), *TINY, "--trainer.logger", "false",
+                     "--trainer.callbacks", "pytorch_lightning.callbacks.DeviceStatsMonitor", cwd=tmp_path)
     assert_one_line_error(result, 2, "DeviceStatsMonitor", "logger=False")
     no_run_started(tmp_path)
 
@@ -192,7 +194,8 @@ CKPT_FAULTS: dict[str, tuple[Callable[[Path, Path], list[str]], list[str]]] = {
     "empty": (lambda d, good: ["test", "--ckpt_path", str(_write(d / "e.ckpt", b""))], ["e.ckpt: empty file"]),
     "truncated": (lambda d, good: ["test", "--ckpt_path", str(_write(d / "t.ckpt", good.read_bytes()[:2000]))],
                   ["t.ckpt: truncated or corrupted checkpoint"]),
-    "random bytes": (lambda d, good: ["test", "--ckpt_path", str(_write(d / "r.ckpt", os.urandom(5000)))], ["r.ckpt"]),
+    "random bytes": (lambda d, good: ["test", "--ckpt_path", str(_write(d / "r.ckpt", os.urandom(5000)))],
+                     ["r.ckpt: not a PyTorch checkpoint"]),
     "a folder": (lambda d, good: (d / "somedir").mkdir() or ["test", "--ckpt_path", str(d / "somedir")],
                  ["somedir: is a folder"]),
     "pickle payload": (lambda d, good: ["test", "--ckpt_path", str(_payload(d / "p.ckpt"))],
@@ -253,7 +256,9 @@ def test_disk_full_names_the_checkpoint_and_keeps_the_previous_one(tmp_path: Pat
         resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
 
     resumed = subprocess.run(
-        [sys.executable, str(REPO / "cli.py"), "fit", "--ckpt_path", "last", "--trainer.max_epochs", "2"],
+        # Only last.ckpt is written (no best-by-metric file), so that it is the one that cannot be.
+        [sys.executable, str(REPO / "cli.py"), "fit", "--ckpt_path", "last", "--trainer.max_epochs", "2",
+         "--checkpoint.save_top_k", "0"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, preexec_fn=small_disk,
     )
     assert_one_line_error(resumed, 1, str(last), "cannot write checkpoint", "the previous one is intact")

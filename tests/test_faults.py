@@ -1,0 +1,168 @@
+"""Bad values, escaping paths, failed runs and a misread runs table, in-process and table-driven: each case is one
+``error:`` line naming the key or file, the right exit status, no traceback, and every earlier file unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import make_idx_set
+
+from mnist_dlops.cli import cli_main
+from mnist_dlops.export import export
+from mnist_dlops.runs import runs
+
+TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1",
+        "--data.val_size", "20", "--trainer.enable_progress_bar", "false", "--data.download", "false",
+        "--data.data_dir", "data"]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder``."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def fails(args: list[str], capsys: pytest.CaptureFixture, status: int, *fragments: str) -> str:
+    """Run the CLI in-process: exit ``status``, a last line ``error: ...`` holding every fragment, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == status, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = err.splitlines()[-1]
+    assert last.startswith("error: "), err[-3000:]
+    for fragment in fragments:
+        assert fragment in last, last
+    return last
+
+
+@pytest.fixture
+def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    make_idx_set(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+CONFIG_FAULTS = {
+    "empty file": ({"c.yaml": ""}, ["-c", "c.yaml"], ["c.yaml: empty config file"]),
+    "a list": ({"c.yaml": "- 1\n- 2\n"}, ["-c", "c.yaml"], ["c.yaml", "not a list"]),
+    "no epochs": ({}, ["--trainer.max_epochs", "0"], ["trainer.max_epochs=0"]),
+    "no batches": ({}, ["--trainer.limit_train_batches", "0"], ["trainer.limit_train_batches=0"]),
+    "negative width": ({}, ["--model.network.init_args.hidden", "-4"], ["hidden", "-4"]),
+    "escaping filename": ({}, ["--checkpoint.filename", "../../../escaped"], ["checkpoint.filename"]),
+    "another run's folder": ({}, ["--checkpoint.dirpath", "lightning_logs/version_7/checkpoints"],
+                             ["checkpoint.dirpath"]),
+    "empty runs_dir": ({}, ["--runs_dir", ""], ["runs_dir=''"]),
+    "root dir": ({}, ["--trainer.default_root_dir", "elsewhere"], ["trainer.default_root_dir", "--runs_dir"]),
+    "misspelled monitor": ({}, ["--checkpoint.monitor", "val/accc"], ["checkpoint.monitor=val/accc", "val/acc"]),
+    "early stopping monitor": (
+        {}, ["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor", "val/los"],
+        ["EarlyStopping monitor=val/los"],
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", CONFIG_FAULTS)
+def test_config_faults(lab: Path, capsys: pytest.CaptureFixture, fault: str) -> None:
+    files, args, fragments = CONFIG_FAULTS[fault]
+    for name, text in files.items():
+        (lab / name).write_text(text)
+    fails(["fit", *TINY, *args], capsys, 2, *fragments)
+    assert not (lab / "lightning_logs").exists() or not any((lab / "lightning_logs").iterdir())
+    assert not (lab / "escaped.ckpt").exists() and not list(lab.parent.glob("escaped*"))
+
+
+def test_a_diverged_first_step_leaves_no_run(lab: Path, capsys: pytest.CaptureFixture) -> None:
+    fails(["fit", *TINY, "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "1e30",
+           "--model.lr_scheduler", "null"], capsys, 1, "train/loss is nan")
+    assert not any((lab / "lightning_logs").iterdir())
+
+
+@pytest.fixture
+def trained(lab: Path) -> Path:
+    cli_main(["fit", *TINY, "--trainer.callbacks", "[]"])
+    return lab / "lightning_logs/version_0"
+
+
+@pytest.mark.parametrize("command", ["test", "validate", "predict"])
+def test_a_failed_evaluation_adds_nothing_to_the_run(trained: Path, capsys: pytest.CaptureFixture,
+                                                      command: str) -> None:
+    """Bad data found only once the evaluation starts: the trained run is left exactly as it was."""
+    before = snapshot(trained)
+    (trained.parent.parent / "empty").mkdir()
+    fails([command, "--ckpt_path", str(trained), "--data.data_dir", "empty"], capsys, 1, "empty")
+    assert snapshot(trained) == before
+
+
+def test_export_never_replaces_an_earlier_one(trained: Path, capsys: pytest.CaptureFixture) -> None:
+    export(str(trained), formats=["torchscript"])
+    first = snapshot(trained / "export")
+    export(str(trained / "checkpoints" / "last.ckpt"), formats=["torchscript"])
+    assert snapshot(trained / "export") == first
+    assert (trained / "export-1" / "model.pt").is_file()
+    out = capsys.readouterr().out
+    assert out.count("torchscript:") == 2 and len(out.strip().splitlines()) == 2, out
+    with pytest.raises(Exception, match="already holds an export"):
+        export(str(trained), formats=["torchscript"], out_dir=str(trained / "export"))
+    assert snapshot(trained / "export") == first
+
+
+def test_random_bytes_are_not_a_checkpoint(lab: Path, capsys: pytest.CaptureFixture) -> None:
+    (lab / "r.ckpt").write_bytes(torch.randint(0, 256, (5000,), dtype=torch.uint8).numpy().tobytes())
+    last = fails(["test", "--ckpt_path", "r.ckpt"], capsys, 2, "r.ckpt: not a PyTorch checkpoint")
+    assert "run code" not in last
+
+
+# ---- the runs table ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["task==", "val/acc>>0.9", "val/acc>abc", "nosuchcolumn=1"])
+def test_runs_where_errors(trained: Path, where: str) -> None:
+    with pytest.raises(ValueError, match="--where"):
+        runs(where=where)
+
+
+def test_runs_table(trained: Path, capsys: pytest.CaptureFixture) -> None:
+    cli_main(["fit", *TINY, "--trainer.callbacks", "[]", "--run.tags", "[baseline, cpu]"])
+    cli_main(["fit", *TINY, "--trainer.callbacks", "[]", "--run.tags", "[baseline]"])
+    capsys.readouterr()
+    assert list(runs(where="tags=baseline")["run"]) == ["version_1", "version_2"]
+    assert list(runs(where="tags=baseline,cpu")["run"]) == ["version_1"]
+    assert list(runs(where="tags=cpu,lr>0.001")["run"]) == ["version_1"]
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 120, lines
+    runs(where="task=binary")
+    assert "no run matches --where 'task=binary'" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no such folder"):
+        runs(runs_dir="/no/such/dir")
+    # One corrupt record: that run is skipped with a warning naming the file, the others are listed.
+    (trained / "provenance.yaml").write_text("{{{ not yaml")
+    assert list(runs()["run"]) == ["version_1", "version_2"]
+    assert "provenance.yaml" in capsys.readouterr().err
+
+
+def test_runs_table_without_csv_or_tensorboard(lab: Path) -> None:
+    """A run tracked only by W&B (offline) still shows its metrics: the run's own record holds them."""
+    cli_main(["fit", *TINY, "--trainer.callbacks", "[]", "--trainer.logger",
+              "mnist_dlops.trackers.wandb.WandbLogger"])
+    cli_main(["test", "--ckpt_path", "last", "--trainer.enable_progress_bar", "false", "--data.data_dir", "data"])
+    table = runs()
+    assert 0 <= table["val/acc"].iloc[0] <= 1 and 0 <= table["test/acc"].iloc[0] <= 1
+
+
+def test_a_data_set_with_a_file_missing_is_refused(lab: Path, capsys: pytest.CaptureFixture) -> None:
+    """Fit reads only the training files, but the data set it fingerprints is all four."""
+    (lab / "data" / "t10k-labels-idx1-ubyte.gz").rename(lab / "aside.gz")
+    fails(["fit", *TINY], capsys, 1, "t10k-labels-idx1-ubyte missing")
+    assert not any((lab / "lightning_logs").iterdir())
+    (lab / "aside.gz").rename(lab / "data" / "t10k-labels-idx1-ubyte.gz")
+    cli_main(["fit", *TINY, "--trainer.callbacks", "[]"])
+    provenance = yaml.safe_load((lab / "lightning_logs/version_0/provenance.yaml").read_text())
+    assert sorted(provenance["data"]["files"]) == sorted(
+        f"{stem}-idx{n}-ubyte.gz" for stem, n in (("train-images", 3), ("train-labels", 1), ("t10k-images", 3),
+                                                  ("t10k-labels", 1))
+    )
