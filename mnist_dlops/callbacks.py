@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from pytorch_lightning import Callback
+from pytorch_lightning.callbacks import DeviceStatsMonitor as LightningDeviceStatsMonitor
 from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.trainer.states import TrainerFn
 
@@ -23,6 +24,14 @@ from mnist_dlops.trackers.base import Tracker, tracker_keys
 
 def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+
+
+def _described(datamodule: Any) -> Any:
+    """The data files a fingerprint covers: their names (IDX), or how many (a PNG tree)."""
+    if not hasattr(datamodule, "data_files"):  # a data module of the user's own
+        return None
+    files = [p.relative_to(datamodule.data_dir).as_posix() for p in datamodule.data_files()]
+    return files if len(files) <= 10 else f"{len(files)} files"
 
 
 def free_name(folder: Path, stem: str, suffix: str) -> Path:
@@ -79,6 +88,7 @@ class RunConfigSaver(SaveConfigCallback):
             "note": run.get("note"),
             "data": {
                 "fingerprint": getattr(datamodule, "fingerprint", None),
+                "files": _described(datamodule),
                 "data_dir": str(getattr(datamodule, "data_dir", "")),
                 "source": getattr(datamodule, "source", None),
             },
@@ -112,7 +122,9 @@ class RunConfigSaver(SaveConfigCallback):
             return
         ended = time.time()
         end = {"ended": _iso(ended), "wall_time_s": round(ended - self._started, 3), "status": status}
-        self.provenance.update(end)
+        # The stage's last value of every metric, whatever the trackers: the runs table reads them from here.
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        self.provenance.update(end, metrics=dict(sorted(metrics.items())))
         self._write_provenance()
         for tracker in tracker_keys(trainer.loggers).values():
             tracker.log_run_end(end)
@@ -135,6 +147,24 @@ class RunConfigSaver(SaveConfigCallback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """Keep the run's whole config in each checkpoint (as YAML text), so that ``fit --ckpt_path`` can resume it."""
         checkpoint.setdefault(STATE_KEY, {})["config"] = self.config_yaml
+
+
+class DeviceStatsMonitor(LightningDeviceStatsMonitor):
+    """Lightning's ``DeviceStatsMonitor`` (CPU and memory use; GPU when present), logged like any metric; idle in a
+    run without a logger (``trainer.logger: false``) instead of refusing to start, so that one switch turns
+    tracking off."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.loggers:
+            super().setup(trainer, pl_module, stage)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_batch_end(trainer, *args, **kwargs)
 
 
 # Top-level key of this project's own entries in a checkpoint; every value under it is plain (weights_only-safe).
@@ -166,7 +196,11 @@ class ResumeState(Callback):
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         state = checkpoint.get(STATE_KEY, {})
         if trainer.state.fn != "fit":
-            return  # evaluating a checkpoint neither draws random numbers nor rewrites the run's history
+            # An evaluation is logged at the checkpoint's step and epoch, after the run's curves: logged at step 0,
+            # TensorBoard would take it for a restart and drop every later point. Nothing else of the fit loop runs.
+            if "loops" in checkpoint:
+                trainer.fit_loop.load_state_dict(checkpoint["loops"]["fit_loop"])
+            return  # and it neither draws random numbers nor rewrites the run's history
         if "rng" in state:
             rng = state["rng"]
             torch.set_rng_state(rng["torch"])

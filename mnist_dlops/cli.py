@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
@@ -32,20 +33,47 @@ from mnist_dlops.trust import check_classes, gate_args, import_gate
 RUN_DIR_ENV = "MNIST_DLOPS_RUN_DIR"
 
 
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's "Tip: try installing litlogger" line: an advert printed on every run, not the user's news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoAdverts())  # once: at import
+
+
 class MNISTCLI(LightningCLI):
     """``fit``/``validate``/``test``/``predict`` over MNISTModule and MNISTDataModule, configured from YAML."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # The --ckpt_path checkpoint already loaded and checked while parsing the command line, if any.
         self.checked_ckpt: Optional[Path] = None
-        # The run directory this call created, if any.
+        # The run directory this call created, if any; else the files of the existing run it works in.
         self.claimed: Optional[Path] = None
+        self.run_dir: Optional[Path] = None
+        self._files_before: set[Path] = set()
         try:
             super().__init__(*args, **kwargs)
-        finally:
-            # A run that failed before it began (bad data, say) leaves no trace: only a tracker's empty start-up files.
-            if self.claimed is not None and self.claimed.is_dir() and not any(self.claimed.glob("config*.yaml")):
+        except BaseException as err:
+            self._remove_debris()
+            if isinstance(err, SIGTERMException) and self.run_dir is not None:
+                last = self.run_dir / "checkpoints" / "last.ckpt"
+                print(f"stopped by SIGTERM; resume with: python cli.py fit --ckpt_path {last}", file=sys.stderr)
+            raise
+
+    def _remove_debris(self) -> None:
+        """After a failure, leave no trace that is of no use: a new run with no checkpoint goes (bad data, a wrong
+        monitor, a diverged first epoch); an evaluation that failed takes back what it had added to its run."""
+        if self.claimed is not None:
+            if not any(self.claimed.glob("checkpoints/*.ckpt")):
                 shutil.rmtree(self.claimed, ignore_errors=True)
+        elif self.run_dir is not None and self.subcommand != "fit":
+            for path in sorted(set(self.run_dir.rglob("*")) - self._files_before, reverse=True):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -76,7 +104,7 @@ class MNISTCLI(LightningCLI):
                 # own `trainer.callbacks` list (use `callbacks+:` to add to it instead).
                 "trainer.callbacks": [
                     {"class_path": "mnist_dlops.diagnostics.Diagnostics"},
-                    {"class_path": "pytorch_lightning.callbacks.DeviceStatsMonitor", "init_args": {"cpu_stats": True}},
+                    {"class_path": "mnist_dlops.callbacks.DeviceStatsMonitor", "init_args": {"cpu_stats": True}},
                 ],
                 # The run config saver logs the whole config to every tracker, the model's arguments included.
                 "trainer.enable_autolog_hparams": False,
@@ -117,12 +145,17 @@ class MNISTCLI(LightningCLI):
         run_dir = Path(run_dir) if run_dir else None
         if run_dir is None:
             run_dir = self.claimed = claim_run_dir(Path(config.runs_dir))
+        self.run_dir = run_dir
+        self._files_before = set(run_dir.rglob("*"))
         os.environ[RUN_DIR_ENV] = str(run_dir)  # for DDP's child processes; cli_main removes it again
         self._as_given = config.clone()
         place_in_run(config, run_dir)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        """Lightning's, with our progress bar as the default one (Lightning adds its Rich bar when none is listed)."""
+        """Lightning's, with our progress bar as the default one (Lightning adds its Rich bar when none is listed),
+        and without our checkpoint callback when ``trainer.enable_checkpointing`` is false."""
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, RunCheckpoint)]
         listed = config.get("callbacks") or []
         listed = listed if isinstance(listed, list) else [listed]
         # Same rule as Lightning's own default: only when the bar is on and the config names no progress bar.
@@ -131,6 +164,11 @@ class MNISTCLI(LightningCLI):
         ):
             callbacks = [*callbacks, ProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
+
+    def after_fit(self) -> None:
+        """One closing line: where the run is and how to evaluate it."""
+        if self.trainer.is_global_zero and self.run_dir is not None:
+            print(f"run: {self.run_dir}  (evaluate: python cli.py test --ckpt_path {self.run_dir})")
 
     def after_instantiate_classes(self) -> None:
         """Keep the config as the user gave it (``{run_dir}``, no run paths): what config.yaml and checkpoints hold.
@@ -155,15 +193,10 @@ def user_errors() -> Iterator[None]:
         _fail(str(err), err.exit_code)
     except MisconfigurationException as err:  # Lightning's word for settings that cannot go together
         _fail(one_line(str(err)), 2)
-    except SIGTERMException:
-        run_dir = os.environ.get(RUN_DIR_ENV, "<run>")
-        print(
-            f"stopped by SIGTERM; resume with: python cli.py fit --ckpt_path {run_dir}/checkpoints/last.ckpt",
-            file=sys.stderr,
-        )
+    except SIGTERMException:  # the CLI has printed how to resume
         sys.exit(143)
     except OSError as err:  # disk full, quota, read-only or missing folders: name the path
-        where = err.filename or f"writing the run's files in {os.environ.get(RUN_DIR_ENV, os.getcwd())}"
+        where = err.filename or "writing the run's files"
         _fail(f"{where}: {err.strerror or err}", 1)
 
 
@@ -172,8 +205,10 @@ def _fail(message: str, status: int) -> None:
     sys.exit(status)
 
 
-def cli_main(args: ArgsType = None) -> None:
-    """Parse ``args`` (default: the command line) and run the chosen subcommand.
+def run(args: ArgsType = None, callbacks: Sequence[Callback] = ()) -> MNISTCLI:
+    """One run from Python: parse ``args`` (default: the command line), run the subcommand, return the CLI (its
+    ``trainer``, ``model``, ``run_dir``). The user's mistakes are raised (``UserError``, Lightning's
+    ``MisconfigurationException``), not printed; ``callbacks`` join the trainer's for this run only (a sweep's pruner).
 
     Re-entrant: each call is one run in its own directory, and leaves the process environment as it found it
     (our run directory variable for DDP's children, Lightning's ``PL_GLOBAL_SEED``...), so a sweep or a test can call
@@ -181,18 +216,23 @@ def cli_main(args: ArgsType = None) -> None:
     """
     environ = dict(os.environ)
     try:
-        with user_errors():
-            MNISTCLI(
-                MNISTModule,
-                MNISTDataModule,
-                args=args,
-                seed_everything_default=42,
-                save_config_callback=RunConfigSaver,
-                trainer_defaults={"callbacks": [ResumeState(), PredictionCSV()]},
-                auto_configure_optimizers=False,
-                parser_class=OneLineParser,
-            )
+        return MNISTCLI(
+            MNISTModule,
+            MNISTDataModule,
+            args=args,
+            seed_everything_default=42,
+            save_config_callback=RunConfigSaver,
+            trainer_defaults={"callbacks": [ResumeState(), PredictionCSV(), *callbacks]},
+            auto_configure_optimizers=False,
+            parser_class=OneLineParser,
+        )
     finally:
         for key in set(os.environ) - set(environ):
             del os.environ[key]
         os.environ.update(environ)
+
+
+def cli_main(args: ArgsType = None) -> None:
+    """``python cli.py``: ``run`` with the user's mistakes as one ``error:`` line and an exit status."""
+    with user_errors():
+        run(args)
