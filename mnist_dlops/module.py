@@ -213,6 +213,29 @@ class MNISTModule(pl.LightningModule):
         """Class probabilities ``[N, num_classes]`` of a batch."""
         return self(batch[0]).softmax(-1)
 
+    def logged_metrics(self) -> list[str]:
+        """Every metric name this module logs: what ``checkpoint.monitor`` or early stopping may watch."""
+        names = ["train/loss", "train/lr", "val/loss", "test/loss"]
+        for metrics in (self.train_metrics, self.val_metrics, self.test_metrics):
+            names += list(metrics.keys(keep_base=False))
+        return sorted(names)
+
+    def setup(self, stage: str) -> None:
+        """Before a fit starts: a checkpoint or early-stopping monitor must name a metric that is logged."""
+        if stage != "fit":
+            return
+        from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+        from mnist_dlops.errors import ConfigError
+
+        logged = self.logged_metrics()
+        for callback in self.trainer.callbacks:
+            monitor = callback.monitor if isinstance(callback, (ModelCheckpoint, EarlyStopping)) else None
+            # Other names (device stats, a user's own metric) are not ours to know: only our stages are checked.
+            if monitor and monitor.split("/")[0] in STAGES and monitor not in logged:
+                key = "checkpoint.monitor" if isinstance(callback, ModelCheckpoint) else "EarlyStopping monitor"
+                raise ConfigError(f"{key}={monitor}: not a metric this model logs ({', '.join(logged)})")
+
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())
         if self.lr_scheduler is None:
