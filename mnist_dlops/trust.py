@@ -3,7 +3,7 @@
 A config, or the hyper-parameters inside a checkpoint, is a file from anywhere. Whatever it names is imported and
 then called, so a name is accepted only when
 
-1. its top-level package is trusted: torch, Lightning, torchmetrics, this package, plus the user's own packages
+1. its top-level package is trusted: torch, Lightning, torchmetrics, Optuna, this package, plus the user's own packages
    listed in the ``MNIST_DLOPS_TRUST`` environment variable (comma-separated, e.g. ``MNIST_DLOPS_TRUST=my_pkg``).
    An environment variable, not a config key, so that a config cannot trust itself;
 2. it is a class, not a function, a method or a factory (``torch.load`` and ``torch.hub.load`` would run code);
@@ -31,7 +31,8 @@ from typing import Any
 from mnist_dlops.errors import ConfigError
 
 TRUST_ENV = "MNIST_DLOPS_TRUST"
-BUILTIN_TRUSTED = ("torch", "pytorch_lightning", "lightning", "lightning_fabric", "torchmetrics", "mnist_dlops")
+# The project's own dependencies that a config may name classes of (optuna: a sweep's sampler and pruner).
+BUILTIN_TRUSTED = ("torch", "pytorch_lightning", "lightning", "lightning_fabric", "torchmetrics", "mnist_dlops", "optuna")
 # A dotted Python name (``pkg.module.Class``): what jsonargparse would try to import.
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 _INDEX = re.compile(r"\[\d+\]")
