@@ -157,8 +157,8 @@ class Sweep:
         self.folder = Path(runs_dir) / "sweeps" / study_name
         self.storage_url = storage or f"sqlite:///{self.folder / 'study.db'}"
         flags = [_flag(key, value) for key, value in fixed.items()]
-        self.args = [a for path in base for a in ("-c", path)] + ["--trainer.enable_progress_bar=false", *flags,
-                                                                   *trial_args, "--runs_dir", runs_dir]
+        quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # a line per trial
+        self.args = [a for path in base for a in ("-c", path)] + [*quiet, *flags, *trial_args, "--runs_dir", runs_dir]
         clash = [key for key in space if key in fixed or any(a.lstrip("-").split("=")[0] == key for a in trial_args)]
         if clash:
             raise ConfigError(f"space.{clash[0]}: also given a fixed value; search it or fix it, not both")
@@ -215,12 +215,14 @@ class Sweep:
             self._report(trial.number, "failed", None, params, started, reason)
             raise TrialFailed(reason) from None
         trial.set_user_attr("run_dir", str(cli.run_dir))
-        state = "pruned" if pruning.pruned else "complete"
+        # A prune asked at the last validation stopped nothing: the trial ran to its end, so it is complete.
+        stopped_early = pruning.pruned and cli.trainer.global_step < cli.trainer.estimated_stepping_batches
+        state = "pruned" if stopped_early else "complete"
         value = float(cli.trainer.callback_metrics[self.objective])
         _record(cli.run_dir, {"study": self.study_name, "trial": trial.number, "state": state,
                               "storage": self.storage_url, "objective": self.objective, "value": value})
         self._report(trial.number, state, value, params, started, str(cli.run_dir))
-        if pruning.pruned:
+        if stopped_early:
             raise optuna.TrialPruned()
         return value
 
@@ -437,7 +439,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     """``python -m mnist_dlops.sweep``: one-line errors; exit 2 for a bad sweep, before any trial starts."""
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+    import logging
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Lightning's start-up lines for every trial (devices, seed) would bury the sweep's one line per trial.
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         sweep(**parse(argv))
     except UserError as err:
