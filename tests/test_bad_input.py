@@ -1,6 +1,6 @@
 """Bad input, bad files and hostile files: each gets one ``error:`` line, the right exit code, and nothing is lost.
 
-Every case runs the real ``cli.py`` in a subprocess. Exit codes: 2 for a bad config or checkpoint argument (found
+Each case runs the real CLI (in-process, ``cli_main``, unless it needs a process of its own). Exit codes: 2 for a bad config or checkpoint argument (found
 before anything starts), 1 for bad data, a diverged training or an unwritable path.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, make_idx_set, make_png_tree, run_cli, write_idx
+from conftest import REPO, cli_in_process, make_idx_set, make_png_tree, run_cli, write_idx
 
 TINY = ["--trainer.max_epochs", "1", "--data.val_size", "10", "--trainer.enable_progress_bar", "false",
         "--data.download", "false"]
@@ -82,12 +82,11 @@ def test_config_errors(tmp_path: Path, files: dict[str, str], args: list[str], f
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     before = snapshot(tmp_path)
-    env_path = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env_path}"  # so that evil.py is importable, as on a server
+    sys.path.insert(0, str(tmp_path))  # so that evil.py is importable, as on a server
     try:
-        result = run_cli(*args, cwd=tmp_path)
+        result = cli_in_process(*args, cwd=tmp_path)
     finally:
-        os.environ["PYTHONPATH"] = env_path
+        sys.path.remove(str(tmp_path))
     assert_one_line_error(result, 2, *fragments)
     no_run_started(tmp_path)
     assert not (tmp_path / "pwned").exists()
@@ -97,7 +96,7 @@ def test_config_errors(tmp_path: Path, files: dict[str, str], args: list[str], f
 def test_settings_lightning_refuses_together(tmp_path: Path, tiny_idx: Path) -> None:
     """Lightning's own refusal (its device stats need a logger; ours stay idle without one) is one line too, and
     leaves no run behind."""
-    result = run_cli("fit", "--data.data_dir", str(tiny_idx), *TINY, "--trainer.logger", "false",
+    result = cli_in_process("fit", "--data.data_dir", str(tiny_idx), *TINY, "--trainer.logger", "false",
                      "--trainer.callbacks", "pytorch_lightning.callbacks.DeviceStatsMonitor", cwd=tmp_path)
     assert_one_line_error(result, 2, "DeviceStatsMonitor", "logger=False")
     no_run_started(tmp_path)
@@ -132,7 +131,7 @@ def test_data_errors(tmp_path: Path, fault: str) -> None:
     data = make_idx_set(tmp_path / "data")
     make_fault, fragments = DATA_FAULTS[fault]
     make_fault(data)
-    result = run_cli("fit", "--data.data_dir", str(data), *TINY, cwd=tmp_path)
+    result = cli_in_process("fit", "--data.data_dir", str(data), *TINY, cwd=tmp_path)
     assert_one_line_error(result, 1, *fragments)
     no_run_started(tmp_path)
 
@@ -155,7 +154,7 @@ def test_png_data_errors(tmp_path: Path, make_fault: Callable[[Path], None], fra
         for p in (root / "train" / "4").iterdir() if "empty class folder" in fragments else []:
             p.unlink()
         make_fault(root)
-    result = run_cli("fit", "--data.source", "png", "--data.data_dir", str(data_dir), *TINY, cwd=tmp_path)
+    result = cli_in_process("fit", "--data.source", "png", "--data.data_dir", str(data_dir), *TINY, cwd=tmp_path)
     assert_one_line_error(result, 1, *fragments)
     no_run_started(tmp_path)
 
@@ -174,7 +173,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny binary-task run to point checkpoints at."""
     cwd = tmp_path_factory.mktemp("trained")
     data = make_idx_set(cwd / "data")
-    result = run_cli("fit", "--data.data_dir", str(data), "--data.task", "binary", *TINY, cwd=cwd)
+    result = cli_in_process("fit", "--data.data_dir", str(data), "--data.task", "binary", *TINY, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
 
@@ -212,7 +211,7 @@ def test_checkpoint_errors(tmp_path: Path, trained: Path, fault: str) -> None:
     make, fragments = CKPT_FAULTS[fault]
     args = make(tmp_path, trained)
     run_before = snapshot(trained.parent.parent)
-    result = run_cli(*args, cwd=tmp_path)
+    result = cli_in_process(*args, cwd=tmp_path)
     line = assert_one_line_error(result, 2, *fragments)
     assert "weights_only=False" not in result.stderr and "weights_only" not in line
     assert not (tmp_path / "pwned").exists()
@@ -238,7 +237,7 @@ def test_any_garbage_is_a_checkpoint_error(tmp_path: Path) -> None:
 # ---- training and output errors ------------------------------------------------------------------------------------
 
 def test_nan_loss_stops_within_a_step_and_saves_nothing(tmp_path: Path, tiny_idx: Path) -> None:
-    result = run_cli("fit", "--data.data_dir", str(tiny_idx), *TINY, "--model.optimizer", "torch.optim.SGD",
+    result = cli_in_process("fit", "--data.data_dir", str(tiny_idx), *TINY, "--model.optimizer", "torch.optim.SGD",
                      "--model.optimizer.init_args.lr", "1e30", "--model.lr_scheduler", "null", cwd=tmp_path)
     assert_one_line_error(result, 1, "train/loss is nan at step 1", "training stopped")
     assert not (tmp_path / "lightning_logs/version_0/checkpoints").exists()

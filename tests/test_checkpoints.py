@@ -12,7 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import REPO, run_cli, run_module
+from conftest import REPO, cli_in_process, run_cli, run_module
 
 from mnist_dlops.sources import read_idx_split
 
@@ -21,7 +21,7 @@ from mnist_dlops.sources import read_idx_split
 def binary_run(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Path:
     """A short real run of the binary "3 vs not 3" MLP, fully validated, logging to CSV."""
     cwd = tmp_path_factory.mktemp("binary")
-    result = run_cli(
+    result = cli_in_process(
         "fit", "-c", str(REPO / "configs/binary.yaml"), "-c", str(REPO / "configs/csv.yaml"),
         "--data.data_dir", str(mnist_dir), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "150",
         "--trainer.enable_progress_bar", "false", cwd=cwd,
@@ -43,7 +43,7 @@ def test_validate_from_the_checkpoint_alone_reproduces_the_fit_accuracy(binary_r
     """No config, no --data flags: the binary task, digit and split come back from the checkpoint."""
     metrics = binary_run / "lightning_logs/version_0/metrics.csv"
     fit_acc = last_value(metrics, "val/acc")
-    result = run_cli("validate", "--ckpt_path", "best", "--trainer.enable_progress_bar", "false", cwd=binary_run)
+    result = cli_in_process("validate", "--ckpt_path", "best", "--trainer.enable_progress_bar", "false", cwd=binary_run)
     assert result.returncode == 0, result.stderr[-3000:]
     assert last_value(metrics, "val/acc") == pytest.approx(fit_acc, abs=1e-6)
     assert fit_acc > 0.95
@@ -77,7 +77,7 @@ def test_pngs(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Path
 @pytest.mark.slow  # real data or several processes: run by `pytest -m slow` and CI
 def test_predict_on_png_files_reproduces_the_test_accuracy(tmp_path: Path, mnist_dir: Path, test_pngs: Path) -> None:
     """A 10-class run: `predict` over the test digits as PNGs agrees with `test` on the IDX files."""
-    result = run_cli(
+    result = cli_in_process(
         "fit", "--data.data_dir", str(mnist_dir), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "60",
         "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", cwd=tmp_path,
     )
@@ -131,7 +131,7 @@ def test_export_matches_the_checkpoint(binary_run: Path, mnist_dir: Path) -> Non
     ],
 )
 def test_nothing_to_resume_is_one_line_and_no_run(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
-    result = run_cli(*args, cwd=tmp_path)
+    result = cli_in_process(*args, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == message + (
         " (run `python cli.py fit` first)" if "no training run" in message else ""
@@ -143,7 +143,7 @@ def test_a_run_without_last_checkpoint_has_nothing_to_resume(tmp_path: Path) -> 
     run = tmp_path / "lightning_logs" / "version_0"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("{}")
-    result = run_cli("fit", "--ckpt_path", "last", cwd=tmp_path)
+    result = cli_in_process("fit", "--ckpt_path", "last", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {Path('lightning_logs/version_0')}: nothing to resume or evaluate, " \
         "it has no checkpoints/last.ckpt yet"

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import REPO, read_scalars, run_cli
+from conftest import REPO, cli_in_process, read_scalars, run_cli
 
 from mnist_dlops import MNISTModule
 from mnist_dlops.cli import cli_main
@@ -75,7 +75,7 @@ def test_binary_config_links_two_outputs(capsys: pytest.CaptureFixture) -> None:
 def debug_run(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Path:
     """A seconds-long fit on the real MNIST; yields the working directory."""
     cwd = tmp_path_factory.mktemp("debug_run")
-    result = run_cli("fit", "-c", str(REPO / "configs" / "debug.yaml"), "--data.data_dir", str(mnist_dir), cwd=cwd)
+    result = cli_in_process("fit", "-c", str(REPO / "configs" / "debug.yaml"), "--data.data_dir", str(mnist_dir), cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd
 
@@ -129,7 +129,7 @@ def test_consecutive_runs_get_their_own_directories(tmp_path: Path, tiny_idx: Pa
     tmp_path = tmp_path / "work"
     tmp_path.mkdir()
     for _ in range(2):
-        result = run_cli("fit", "-c", str(REPO / "configs" / "debug.yaml"), "--data.data_dir", str(tiny_idx),
+        result = cli_in_process("fit", "-c", str(REPO / "configs" / "debug.yaml"), "--data.data_dir", str(tiny_idx),
                          "--data.val_size", "50", cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p.name for p in (tmp_path / "lightning_logs").iterdir())

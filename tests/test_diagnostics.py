@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torchmetrics.classification import BinaryAUROC, MulticlassAUROC
 
-from conftest import REPO, read_scalars, run_cli, run_module
+from conftest import REPO, cli_in_process, read_scalars, run_cli, run_module
 from test_trackers import DEBUG, neptune_operations, wandb_records
 
 from mnist_dlops.diagnostics import confusion, pr_curves, roc_curves
@@ -72,12 +72,12 @@ def test_roc_auc_is_torchmetrics_auroc_and_matches_the_drawn_curve() -> None:
 
 
 def test_every_tracker_holds_the_plots_after_fit_and_test(tmp_path: Path, mnist_dir: Path) -> None:
-    fit = run_cli("fit", "-c", str(REPO / "configs/all_trackers.yaml"), "-c", DEBUG, "--data.data_dir", str(mnist_dir),
+    fit = cli_in_process("fit", "-c", str(REPO / "configs/all_trackers.yaml"), "-c", DEBUG, "--data.data_dir", str(mnist_dir),
                   cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]
     run = tmp_path / "lightning_logs" / "version_0"
     # No config: the checkpoint brings back the run's trackers and its diagnostics callback.
-    test = run_cli("test", "--ckpt_path", "last", "--trainer.limit_test_batches", "2", cwd=tmp_path)
+    test = cli_in_process("test", "--ckpt_path", "last", "--trainer.limit_test_batches", "2", cwd=tmp_path)
     assert test.returncode == 0, test.stderr[-3000:]
     names = ["confusion_matrix", "roc", "pr", "mistakes"]
 
@@ -125,7 +125,7 @@ def three_runs(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Pat
              "--data.data_dir", str(mnist_dir), "--trainer.callbacks", "[]"]
     for configs in ([], ["binary.yaml"], ["cnn.yaml", "csv.yaml"]):
         args = [a for c in configs for a in ("-c", str(REPO / "configs" / c))]
-        result = run_cli("fit", *args, *short, cwd=cwd)
+        result = cli_in_process("fit", *args, *short, cwd=cwd)
         assert result.returncode == 0, result.stderr[-3000:]
     return cwd
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torchmetrics.classification import MulticlassAccuracy
 
-from conftest import read_scalars, run_cli
+from conftest import cli_in_process, read_scalars, run_cli
 from mnist_dlops.data import MNISTDataModule
 from mnist_dlops.module import MNISTModule
 
@@ -17,12 +17,16 @@ TINY = ["--trainer.max_epochs", "2", "--data.val_size", "20", "--data.batch_size
 
 
 def fit(tmp_path: Path, data: Path, name: str, *args: str) -> Path:
-    """Fit on ``data`` in ``tmp_path/name``; the run's folder."""
-    return fit_with_output(tmp_path, data, name, *args)[0]
+    """Fit on ``data`` in ``tmp_path/name``, in-process; the run's folder."""
+    cwd = tmp_path / name
+    cwd.mkdir()
+    result = cli_in_process("fit", "--data.data_dir", str(data), *TINY, *args, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "lightning_logs" / "version_0"
 
 
 def fit_with_output(tmp_path: Path, data: Path, name: str, *args: str) -> tuple[Path, str]:
-    """Fit on ``data`` in ``tmp_path/name``; the run's folder and what the run printed (stdout + stderr)."""
+    """Fit on ``data`` in ``tmp_path/name`` as a process; the run's folder and what it printed (stdout + stderr)."""
     cwd = tmp_path / name
     cwd.mkdir()
     result = run_cli("fit", "--data.data_dir", str(data), *TINY, *args, cwd=cwd)

@@ -50,6 +50,11 @@ def test_ten_runs_in_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert [r.name for r in runs] == [f"version_{i}" for i in range(10)]
     for run in runs:
         assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    # Each W&B run is its own, in its own run directory: wandb keeps a current run and settings per process.
+    for i, run in enumerate(runs):
+        if TRACKERS[i % len(TRACKERS)] in ("wandb", "all_trackers"):
+            assert len(list((run / "wandb").glob("offline-run-*"))) == 1, i
+    assert not (tmp_path / "wandb").exists()
     # Open files settle once every tracker has run once (clients' one-time pools), then stay flat: the second round
     # of the five trackers opens no file it does not close.
     print("open files after each run:", files)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, read_scalars, run_cli
+from conftest import REPO, cli_in_process, read_scalars, run_cli
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
 
@@ -52,7 +52,7 @@ def neptune_operations(run_dir: Path) -> list[dict]:
 
 def _fit(cwd: Path, mnist_dir: Path, *configs: str) -> Path:
     args = [a for c in configs for a in ("-c", str(REPO / "configs" / c))]
-    result = run_cli("fit", *args, "-c", DEBUG, "--data.data_dir", str(mnist_dir), cwd=cwd)
+    result = cli_in_process("fit", *args, "-c", DEBUG, "--data.data_dir", str(mnist_dir), cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted((cwd / "lightning_logs").iterdir())
     return runs[-1]
@@ -113,7 +113,7 @@ def test_neptune_offline_run_holds_parameters_metrics_and_checkpoints(tmp_path: 
 def test_all_trackers_share_one_run_and_test_lands_in_it(tmp_path: Path, mnist_dir: Path) -> None:
     run = _fit(tmp_path, mnist_dir, "all_trackers.yaml")
     rows_after_fit = len(pd.read_csv(run / "metrics.csv"))
-    result = run_cli(
+    result = cli_in_process(
         "test", "-c", str(REPO / "configs" / "all_trackers.yaml"), "--data.data_dir", str(mnist_dir),
         "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), cwd=tmp_path,
     )

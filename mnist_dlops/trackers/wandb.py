@@ -115,6 +115,18 @@ class WandbLogger(LightningWandbLogger, Tracker):
         return super().experiment
 
     @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """End the W&B run with the stage: a later run in the same process (a sweep's next trial, a test after a
+        fit) would otherwise be logged into this one, or into its folder, which wandb keeps for the process."""
+        super().finalize(status)
+        if self._experiment is not None:
+            import wandb
+
+            self._experiment.finish(exit_code=0 if status == "success" else 1)
+            self._experiment = None
+            wandb.teardown()  # and its process-wide settings (the files' folder among them) go with it
+
+    @rank_zero_only
     def log_histograms(self, tensors: dict[str, Tensor], step: Optional[int] = None) -> None:
         """One W&B histogram per tensor."""
         import wandb
