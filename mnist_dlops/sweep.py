@@ -205,6 +205,8 @@ class Sweep:
         params = {key: dist.suggest(trial, key) for key, dist in self.space.items()}
         pruning = OptunaPruning(trial, self.objective)
         started = time.time()
+        group = os.environ.get("WANDB_RUN_GROUP")
+        os.environ["WANDB_RUN_GROUP"] = group or self.study_name  # W&B groups the study's trials
         try:
             cli = run(self.trial_args(params, trial.number), callbacks=[pruning])
         except ObjectiveMissing:
@@ -214,6 +216,9 @@ class Sweep:
             trial.set_user_attr("fail_reason", reason)
             self._report(trial.number, "failed", None, params, started, reason)
             raise TrialFailed(reason) from None
+        finally:
+            if group is None:
+                os.environ.pop("WANDB_RUN_GROUP", None)
         trial.set_user_attr("run_dir", str(cli.run_dir))
         # A prune asked at the last validation stopped nothing: the trial ran to its end, so it is complete.
         stopped_early = pruning.pruned and cli.trainer.global_step < cli.trainer.estimated_stepping_batches

@@ -117,6 +117,7 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
+@pytest.mark.slow  # several processes: in `pytest -m slow` and CI
 def test_two_workers_share_one_study(lab: Path, mnist_dir: Path) -> None:
     (lab / "w.yaml").write_text(SWEEP_YAML.format(n=4))
     result = subprocess.run(sweep_command(mnist_dir, "--workers", "2"), cwd=lab, env=env(), capture_output=True,
@@ -128,6 +129,7 @@ def test_two_workers_share_one_study(lab: Path, mnist_dir: Path) -> None:
     assert len({t.params[LR] for t in trials}) == len(trials)
 
 
+@pytest.mark.slow  # several processes: in `pytest -m slow` and CI
 def test_a_killed_sweep_continues_without_rerunning_a_finished_trial(lab: Path, mnist_dir: Path) -> None:
     (lab / "w.yaml").write_text(SWEEP_YAML.format(n=4))
     process = subprocess.Popen(sweep_command(mnist_dir), cwd=lab, env=env(), stdout=subprocess.PIPE,
@@ -208,6 +210,7 @@ def postgres():
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow  # several processes: in `pytest -m slow` and CI
 def test_two_workers_on_a_postgresql_study(lab: Path, mnist_dir: Path, postgres: str) -> None:
     (lab / "w.yaml").write_text(SWEEP_YAML.format(n=2))
     result = subprocess.run(sweep_command(mnist_dir, "--workers", "2", "--storage", postgres), cwd=lab, env=env(),
@@ -217,3 +220,17 @@ def test_two_workers_on_a_postgresql_study(lab: Path, mnist_dir: Path, postgres:
     storage = postgres.replace("postgresql://", "postgresql+psycopg2://")
     trials = optuna.load_study(study_name="w", storage=storage).get_trials(states=(TrialState.COMPLETE,))
     assert len(trials) >= 2 and len({t.user_attrs["run_dir"] for t in trials}) == len(trials)
+
+
+def test_trials_are_grouped_and_tagged_in_wandb(lab: Path, mnist_dir: Path) -> None:
+    """A trial's W&B run (offline) is in the study's group; read with W&B's own record schema."""
+    from test_trackers import wandb_records
+
+    study = sweep(study_name="g", n_trials=1, fixed={"trainer.max_epochs": 1},
+                  trial_args=[*data_args(mnist_dir), "--trainer.logger", "mnist_dlops.trackers.wandb.WandbLogger"],
+                  space={LR: {"type": "float", "low": 0.001, "high": 0.03, "log": True}})
+    run_dir = Path(study.trials[0].user_attrs["run_dir"])
+    (wandb_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    record = next(r.run for r in wandb_records(wandb_file) if r.WhichOneof("record_type") == "run")
+    assert record.run_group == "g"
+    assert "WANDB_RUN_GROUP" not in os.environ
