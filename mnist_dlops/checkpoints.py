@@ -141,6 +141,20 @@ class RunCheckpoint(ModelCheckpoint):
             # at a step already saved, so this refresh of last.ckpt does not count as one.
             self._last_global_step_saved = saved_before
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After Lightning's saves at the epoch's end (validation has run by then), refresh ``last.ckpt`` too:
+        Lightning writes it only at a step where it also saved a best-by-metric checkpoint, so after an epoch that
+        did not improve, last.ckpt would lag an epoch behind."""
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``last.ckpt`` holds the final step (Lightning's own saves it only if none was ever written)."""
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """On SIGTERM or Ctrl-C, save ``last.ckpt`` at the current step; other errors leave the last good one."""
         super().on_exception(trainer, pl_module, exception)

@@ -1,0 +1,163 @@
+"""MLflow: metrics, the full config as params, tags, provenance, plots and checkpoints, in one embedded database.
+
+By default every run of a runs folder logs into ``sqlite:///<runs_dir>/mlflow.db`` (one database for all runs, as
+MLflow expects), so ``mlflow ui --backend-store-uri sqlite:///lightning_logs/mlflow.db`` shows them all; artifacts
+go to ``<runs_dir>/mlflow-artifacts/`` beside it (MLflow puts a run's artifacts under its experiment's artifact
+root, not where the run's other files are). ``MLFLOW_TRACKING_URI`` or ``tracking_uri`` points it at a
+PostgreSQL database or a tracking server instead. The MLflow run id is kept in the run directory
+(``.mlflow_run_id``), so ``validate``/``test --ckpt_path`` and a resumed fit continue the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from pytorch_lightning.loggers import MLFlowLogger as LightningMLFlowLogger
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+from mnist_dlops.trackers.base import Tracker
+
+RUN_ID_FILE = ".mlflow_run_id"
+# MLflow's limits on a param (mlflow.utils.validation): longer keys are refused, longer values too.
+MAX_KEY, MAX_VALUE = 250, 6000
+
+
+@contextmanager
+def _creating(uri: str) -> Iterator[None]:
+    """One process at a time opens a new SQLite store: MLflow creates its tables on first use, and two runs
+    started at the same instant would both run the migrations (and one fails)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{path}/"))
+        else:
+            flat[path] = str(value)
+    return flat
+
+
+class MLflowLogger(LightningMLFlowLogger, Tracker):
+    """Lightning's MLflow logger, writing to the runs folder's database, continuing its run across stages."""
+
+    def __init__(
+        self,
+        experiment_name: str = "mnist-dlops",
+        tracking_uri: Optional[str] = None,
+        save_dir: Optional[str] = None,
+        run_name: Optional[str] = None,
+        log_checkpoints: bool = True,
+    ) -> None:
+        """
+        Args:
+            experiment_name: The MLflow experiment the runs belong to.
+            tracking_uri: Where MLflow keeps runs; null: ``MLFLOW_TRACKING_URI`` if set, else
+                ``sqlite:///<runs_dir>/mlflow.db``.
+            save_dir: This run's directory (null: set by the CLI; ``lightning_logs`` outside it).
+            run_name: Display name of the MLflow run (default: the run folder's name).
+            log_checkpoints: Log the best and the last checkpoint as artifacts when the stage ends.
+        """
+        self.run_dir = Path(save_dir) if save_dir is not None else Path("lightning_logs")
+        runs_dir = self.run_dir.resolve().parent if save_dir is not None else self.run_dir.resolve()
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir / 'mlflow.db'}"
+        id_file = self.run_dir / RUN_ID_FILE
+        with _creating(uri):
+            self._init_lightning(uri, experiment_name, run_name, runs_dir, id_file)
+        self._log_checkpoints = log_checkpoints
+
+    def _init_lightning(self, uri: str, experiment_name: str, run_name: Optional[str], runs_dir: Path,
+                        id_file: Path) -> None:
+        super().__init__(
+            experiment_name=experiment_name,
+            run_name=run_name or self.run_dir.name,
+            tracking_uri=uri,
+            # Used only when the experiment is created: its artifacts' root, beside the database when local.
+            artifact_location=(runs_dir / "mlflow-artifacts").as_uri() if uri.startswith("sqlite:") else None,
+            run_id=id_file.read_text().strip() if id_file.is_file() else None,
+            log_model=False,  # checkpoints are logged once, at the end (below), not at every save
+        )
+        # Create the experiment now, under the lock: two runs starting at once would both try.
+        _ = self.experiment_id
+
+    @property
+    def experiment(self):
+        client = super().experiment
+        id_file = self.run_dir / RUN_ID_FILE
+        if self._run_id and not id_file.is_file() and self.run_dir.is_dir():
+            id_file.write_text(self._run_id)
+        return client
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Union[dict[str, Any], Any]) -> None:
+        """The whole config as params, nested keys joined with ``/``; a value longer than MLflow allows is cut, with
+        a ``...[cut]`` mark, rather than refused."""
+        from mlflow.entities import Param
+
+        params = params if isinstance(params, dict) else vars(params)
+        flat = _flatten(params)
+        existing = self.experiment.get_run(self.run_id).data.params
+        batch = [
+            Param(key[:MAX_KEY], value if len(value) <= MAX_VALUE else value[: MAX_VALUE - 8] + "...[cut]")
+            for key, value in flat.items()
+            if existing.get(key[:MAX_KEY]) is None  # MLflow refuses to change a param: a later stage keeps the fit's
+        ]
+        for i in range(0, len(batch), 100):  # MLflow's limit per call
+            self.experiment.log_batch(self.run_id, params=batch[i : i + 100])
+
+    @rank_zero_only
+    def log_image(self, key: str, images: list[Any], step: Optional[int] = None) -> None:
+        """The diagnostics' plots as image artifacts, ``plots/<key>/step_<step>.png``."""
+        import numpy as np
+
+        for i, image in enumerate(images):
+            name = f"plots/{key}{'' if i == 0 else f'-{i}'}/step_{step or 0:06d}.png"
+            self.experiment.log_image(self.run_id, np.asarray(image), artifact_file=name)
+
+    @rank_zero_only
+    def tag_run(self, tags: list[str], note: Optional[str]) -> None:
+        """``--run.tags`` as MLflow tags (``tag.<name>``), ``--run.note`` as the run's description."""
+        for tag in tags:
+            self.experiment.set_tag(self.run_id, f"tag.{tag}", "true")
+        if note:
+            self.experiment.set_tag(self.run_id, "mlflow.note.content", note)
+
+    @rank_zero_only
+    def log_run_end(self, end: dict[str, Any]) -> None:
+        for key, value in end.items():
+            self.experiment.set_tag(self.run_id, f"provenance.{key}", str(value))
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        self._checkpoint_callback = checkpoint_callback
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        """Log the best and the last checkpoint and the run's provenance files as artifacts; end the run."""
+        if not self._initialized:
+            return
+        callback = self._checkpoint_callback
+        if self._log_checkpoints and callback is not None:
+            for path in {callback.best_model_path, getattr(callback, "last_model_path", "")}:
+                if path and Path(path).is_file():
+                    self.experiment.log_artifact(self.run_id, path, "checkpoints")
+        for record in sorted(self.run_dir.glob("provenance*.yaml")) + sorted(self.run_dir.glob("config*.yaml")):
+            self.experiment.log_artifact(self.run_id, str(record), "run")
+        self._checkpoint_callback = None  # Lightning's finalize would log every checkpoint again
+        super().finalize(status)
