@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -150,6 +151,11 @@ class MNISTCLI(LightningCLI):
             run_dir = self.claimed = claim_run_dir(Path(config.runs_dir))
         self.run_dir = run_dir
         self._files_before = set(run_dir.rglob("*"))
+        try:  # before any tracker starts a writer thread that would fail later, with a traceback of its own
+            with tempfile.TemporaryFile(dir=run_dir):
+                pass
+        except OSError as err:
+            raise OSError(err.errno, f"cannot write into the run ({err.strerror})", str(run_dir)) from None
         os.environ[RUN_DIR_ENV] = str(run_dir)  # for DDP's child processes; cli_main removes it again
         self._as_given = config.clone()
         place_in_run(config, run_dir)
@@ -199,7 +205,7 @@ def user_errors() -> Iterator[None]:
     except SIGTERMException:  # the CLI has printed how to resume
         sys.exit(143)
     except OSError as err:  # disk full, quota, read-only or missing folders: name the path
-        where = err.filename or "writing the run's files"
+        where = os.fsdecode(err.filename) if err.filename else "writing the run's files"
         _fail(f"{where}: {err.strerror or err}", 1)
 
 

@@ -166,3 +166,35 @@ def test_a_data_set_with_a_file_missing_is_refused(lab: Path, capsys: pytest.Cap
         f"{stem}-idx{n}-ubyte.gz" for stem, n in (("train-images", 3), ("train-labels", 1), ("t10k-images", 3),
                                                   ("t10k-labels", 1))
     )
+
+
+@pytest.fixture
+def read_only_mount(tmp_path: Path):
+    """A small tmpfs that can be remounted read-only (as root, where mounting is allowed); unmounted afterwards."""
+    import os
+    import subprocess
+
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode:
+        pytest.skip("needs root and permission to mount a tmpfs, to make a read-only file system")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.parametrize("command", [["test"], ["predict"], ["fit", "--trainer.max_epochs", "2"]])
+def test_a_run_on_a_read_only_file_system(read_only_mount: Path, capsys: pytest.CaptureFixture,
+                                          monkeypatch: pytest.MonkeyPatch, command: list[str]) -> None:
+    import subprocess
+
+    make_idx_set(read_only_mount / "data")
+    monkeypatch.chdir(read_only_mount)
+    cli_main(["fit", *TINY, "--trainer.callbacks", "[]"])
+    before = snapshot(read_only_mount / "lightning_logs")
+    subprocess.run(["mount", "-o", "remount,ro", str(read_only_mount)], check=True)
+    fails([command[0], "--ckpt_path", "last", *command[1:], "--data.data_dir", "data"], capsys, 1,
+          "lightning_logs/version_0: cannot write into the run (Read-only file system)")
+    assert snapshot(read_only_mount / "lightning_logs") == before
