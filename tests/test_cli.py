@@ -138,6 +138,7 @@ def test_consecutive_runs_get_their_own_directories(tmp_path: Path, tiny_idx: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lightning_logs"]  # nothing in the working directory
 
 
+@pytest.mark.slow  # several runs or processes: in `pytest -m slow` and CI, to keep the default run short
 def test_ddp_on_cpu_shares_one_run_directory(tmp_path: Path, tiny_idx: Path) -> None:
     """Lightning's DDP launcher re-runs the CLI per process: all of them must write into the one claimed run."""
     result = run_cli(

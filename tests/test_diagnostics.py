@@ -130,6 +130,7 @@ def three_runs(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Pat
     return cwd
 
 
+@pytest.mark.slow  # several runs or processes: in `pytest -m slow` and CI, to keep the default run short
 def test_runs_table_lists_three_real_runs(three_runs: Path) -> None:
     result = run_module("mnist_dlops.runs", "--csv", "runs.csv", "--plot", "val/loss", "--plot_file", "curves.png", cwd=three_runs)
     assert result.returncode == 0, result.stderr[-3000:]

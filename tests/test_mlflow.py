@@ -70,6 +70,7 @@ def test_a_long_config_value_is_cut_not_refused(lab: Path) -> None:
     assert run.data.params["run/note"].endswith("...[cut]") and len(run.data.params["run/note"]) == 6000
 
 
+@pytest.mark.slow  # several runs or processes: in `pytest -m slow` and CI, to keep the default run short
 def test_two_runs_started_at_once_both_land(lab: Path) -> None:
     processes = [subprocess.Popen([sys.executable, str(REPO / "cli.py"), "fit", *TINY], cwd=lab,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -86,6 +87,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # several runs or processes: in `pytest -m slow` and CI, to keep the default run short
 def test_mlflow_ui_serves_the_runs(lab: Path) -> None:
     """``mlflow ui`` on loopback answers its REST API with the run; the server is stopped after a bounded wait."""
     cli_main(["fit", *TINY])

@@ -79,6 +79,7 @@ def git(*args: str, cwd: Path) -> str:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
 
 
+@pytest.mark.slow  # several runs or processes: in `pytest -m slow` and CI, to keep the default run short
 def test_provenance_records_the_git_commit_dirty_diff_and_environment(tmp_path: Path, tiny_idx: Path) -> None:
     repo = tmp_path / "repo"
     cli = copy_project(repo)

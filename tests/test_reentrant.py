@@ -33,6 +33,7 @@ def val_loss(run: Path) -> float:
     return float(pd.read_csv(run / "metrics.csv")["val/loss"].dropna().iloc[-1])
 
 
+@pytest.mark.slow  # several runs or processes: in `pytest -m slow` and CI, to keep the default run short
 def test_ten_runs_in_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_idx_set(tmp_path / "data")
     monkeypatch.chdir(tmp_path)

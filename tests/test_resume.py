@@ -62,6 +62,7 @@ def runs(tmp_path: Path, mnist_dir: Path) -> tuple[Path, Path]:
     return dirs
 
 
+@pytest.mark.slow  # several runs or processes: in `pytest -m slow` and CI, to keep the default run short
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(runs: tuple[Path, Path]) -> None:
     straight, interrupted = runs
     result = run_cli("fit", "-c", "run.yaml", cwd=straight)
