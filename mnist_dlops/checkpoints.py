@@ -53,10 +53,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def _umask() -> int:
+def _read_umask() -> int:
+    """The process's umask. Reading it means setting it: done once, at import, before any writer thread exists
+    (a thread creating a file while it is 0 would make that file world-writable)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def _first_line(err: BaseException) -> str:
@@ -81,7 +86,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.write(buffer.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); a checkpoint is a run file like any
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private (0600); a checkpoint is a run file like any
             os.replace(tmp, path)
         except OSError as err:  # disk full, quota, read-only: name the checkpoint; the previous one is untouched
             Path(tmp).unlink(missing_ok=True)

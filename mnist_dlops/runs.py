@@ -101,8 +101,9 @@ def run_row(run: Path) -> dict[str, object]:
     code = provenance.get("code") or {}
     row["commit"] = (code.get("commit") or "")[:10] + ("+dirty" if code.get("dirty") else "")
     # Tracker-independent last values first (fit, then each later evaluation), then the curves' best val/*.
-    for record in [run / "provenance.yaml", *sorted(run.glob("provenance.*.yaml"), key=lambda p: p.stat().st_mtime)]:
-        for tag, value in (_read_yaml(record).get("metrics") or {}).items():
+    later = [_read_yaml(p) for p in sorted(run.glob("provenance.*.yaml"), key=lambda p: p.stat().st_mtime)]
+    for record in [provenance, *later]:
+        for tag, value in (record.get("metrics") or {}).items():
             if tag.startswith(("val/", "test/")):
                 row[tag] = value
     scalars = history(run)

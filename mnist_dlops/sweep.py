@@ -13,6 +13,7 @@ same command again continues it, and running it on several machines shares it.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -30,11 +31,6 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from mnist_dlops.config_checks import one_line
 from mnist_dlops.errors import ConfigError, UserError
-
-# The sweep's own options; every other flag on its command line is a fixed override for the trials.
-_OWN = {"config", "c", "print_config", "help", "h", "study_name", "base", "fixed", "objective", "direction", "space",
-        "n_trials", "timeout", "sampler", "pruner", "storage", "workers", "runs_dir", "write_results"}
-
 
 @dataclass
 class Distribution:
@@ -398,7 +394,6 @@ def sweep(
 def _optuna_object(value: Optional[dict[str, Any]], kind: str, default: str) -> Any:
     """An Optuna sampler or pruner from ``{class_path, init_args}``: only Optuna's own classes of that kind."""
     import importlib
-    import inspect
 
     import optuna
 
@@ -420,12 +415,14 @@ def parse(argv: list[str]) -> dict[str, Any]:
 
     from mnist_dlops.trust import gate_args
 
+    # The sweep's own options are sweep()'s arguments; every other flag is a fixed override for the trials.
+    own_options = {*inspect.signature(sweep).parameters, "config", "c", "print_config", "help", "h"} - {"trial_args"}
     own, rest, i = [], [], 0
     while i < len(argv):
         arg = argv[i]
         name = arg.lstrip("-").split("=")[0].split(".")[0]
         takes_value = arg.startswith("-") and "=" not in arg and name not in ("help", "h", "print_config")
-        group = own if name in _OWN else rest
+        group = own if name in own_options else rest
         group.append(arg)
         if takes_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
             group.append(argv[i + 1])

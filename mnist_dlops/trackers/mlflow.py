@@ -80,30 +80,21 @@ class MLflowLogger(LightningMLFlowLogger, Tracker):
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir / 'mlflow.db'}"
         id_file = self.run_dir / RUN_ID_FILE
         with _creating(uri):
-            self._init_lightning(uri, experiment_name, run_name, runs_dir, id_file)
+            super().__init__(
+                experiment_name=experiment_name,
+                run_name=run_name or self.run_dir.name,
+                tracking_uri=uri,
+                # Used only when the experiment is created: its artifacts' root, beside the database when local.
+                artifact_location=(runs_dir / "mlflow-artifacts").as_uri() if uri.startswith("sqlite:") else None,
+                run_id=id_file.read_text().strip() if id_file.is_file() else None,
+                log_model=False,  # checkpoints are logged once, at the end (below), not at every save
+            )
+            # The experiment and run are created now, under the lock: two runs starting at once would both try.
+            run_id = self.run_id
+        # Kept in the run directory once, so that later stages of this run continue the same MLflow run.
+        if run_id and self.run_dir.is_dir() and not id_file.is_file():
+            id_file.write_text(run_id)
         self._log_checkpoints = log_checkpoints
-
-    def _init_lightning(self, uri: str, experiment_name: str, run_name: Optional[str], runs_dir: Path,
-                        id_file: Path) -> None:
-        super().__init__(
-            experiment_name=experiment_name,
-            run_name=run_name or self.run_dir.name,
-            tracking_uri=uri,
-            # Used only when the experiment is created: its artifacts' root, beside the database when local.
-            artifact_location=(runs_dir / "mlflow-artifacts").as_uri() if uri.startswith("sqlite:") else None,
-            run_id=id_file.read_text().strip() if id_file.is_file() else None,
-            log_model=False,  # checkpoints are logged once, at the end (below), not at every save
-        )
-        # Create the experiment now, under the lock: two runs starting at once would both try.
-        _ = self.experiment_id
-
-    @property
-    def experiment(self):
-        client = super().experiment
-        id_file = self.run_dir / RUN_ID_FILE
-        if self._run_id and not id_file.is_file() and self.run_dir.is_dir():
-            id_file.write_text(self._run_id)
-        return client
 
     @rank_zero_only
     def log_hyperparams(self, params: Union[dict[str, Any], Any]) -> None:
