@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
+import socket
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +123,36 @@ def read_scalars(run_dir: Path) -> dict[str, list[float]]:
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL server on loopback, in a temporary folder, stopped and removed afterwards."""
+    pg_ctl = shutil.which("pg_ctl") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))), None)
+    if not pg_ctl:
+        pytest.skip("PostgreSQL is not installed here (pg_ctl not found); .ci/run installs it, so CI runs this test")
+    # PostgreSQL refuses to run as root: as root, it runs as the postgres user, in a folder that user can reach
+    # (pytest's own temporary folders are private to root).
+    user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    root = Path(tempfile.mkdtemp(prefix="mnist-dlops-pg-"))
+    root.chmod(0o777)
+    bin_dir, data = Path(pg_ctl).parent, root / "data"
+    subprocess.run([*user, str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"], check=True,
+                   capture_output=True)
+    port = free_port()
+    subprocess.run([*user, str(pg_ctl), "-D", str(data), "-o", f"-k {data} -h 127.0.0.1 -p {port}", "-w", "start",
+                    "-l", str(data / "log")], check=True, capture_output=True)
+    try:
+        subprocess.run([*user, str(bin_dir / "createdb") if (bin_dir / "createdb").exists() else "createdb",
+                        "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "sweeps"], check=True,
+                       capture_output=True)
+        yield f"postgresql://postgres@127.0.0.1:{port}/sweeps"
+    finally:
+        subprocess.run([*user, str(pg_ctl), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, make_idx_set
+from conftest import REPO, free_port, make_idx_set
 
 from mnist_dlops.cli import cli_main
 
@@ -79,12 +78,6 @@ def test_two_runs_started_at_once_both_land(lab: Path) -> None:
     runs = only_run(lab)
     assert sorted(r.info.run_name for r in runs) == ["version_0", "version_1"]
     assert all(r.info.status == "FINISHED" for r in runs)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow  # several runs or processes: in `pytest -m slow` and CI, to keep the default run short

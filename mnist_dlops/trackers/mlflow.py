@@ -44,6 +44,12 @@ def _creating(uri: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def store_uri(runs_dir: Path, tracking_uri: Optional[str] = None) -> str:
+    """Where MLflow keeps runs and models: ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else one SQLite database
+    for the whole runs folder."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir.resolve() / 'mlflow.db'}"
+
+
 def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     for key, value in params.items():
@@ -77,7 +83,7 @@ class MLflowLogger(LightningMLFlowLogger, Tracker):
         """
         self.run_dir = Path(save_dir) if save_dir is not None else Path("lightning_logs")
         runs_dir = self.run_dir.resolve().parent if save_dir is not None else self.run_dir.resolve()
-        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir / 'mlflow.db'}"
+        uri = store_uri(runs_dir, tracking_uri)
         id_file = self.run_dir / RUN_ID_FILE
         with _creating(uri):
             super().__init__(

@@ -1,0 +1,362 @@
+"""The model registry: a checkpoint's model as a versioned MLflow model, picked by alias for serving.
+
+    python -m mnist_dlops.registry register --ckpt_path best --name mnist-digits    # a new version
+    python -m mnist_dlops.registry register --sweep quick --name mnist-digits       # a sweep's best trial
+    python -m mnist_dlops.registry alias mnist-digits@production 3
+    python -m mnist_dlops.registry list mnist-digits
+
+A version is the checkpoint's export (TorchScript by default, or ONNX), checked against the checkpoint by
+``mnist_dlops.export``, logged as an MLflow model with its signature (uint8 ``[N, 1, 28, 28]``, white digit on
+black, in; class probabilities out), an input example, the class names and the data fingerprint. It is linked to
+the MLflow run of its training run (the one ``configs/mlflow.yaml`` logged, or a new one named after the run
+folder), so ``mlflow.pyfunc.load_model("models:/mnist-digits@production")`` works in any process with MLflow and
+torch (or onnxruntime), without this project. The store is the trackers': ``MLFLOW_TRACKING_URI``, or
+``sqlite:///<runs_dir>/mlflow.db``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from mnist_dlops.errors import CheckpointError, ConfigError, UserError
+from mnist_dlops.export import export, rebuild, sample_images
+from mnist_dlops.restore import resolve_ckpt
+from mnist_dlops.trackers.mlflow import RUN_ID_FILE, store_uri
+
+Format = Literal["torchscript", "onnx"]
+EXPERIMENT = "mnist-dlops"
+# Model version tags that `list` shows, besides the run and the data fingerprint.
+SHOWN_METRICS = ("val/acc", "val/loss", "test/acc")
+
+
+class RegistryError(UserError):
+    """MLflow refused an operation on the store (a locked or read-only database, a missing version...)."""
+
+
+def _client(runs_dir: str, tracking_uri: Optional[str]) -> Any:
+    import mlflow
+
+    uri = store_uri(Path(runs_dir), tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient(uri)
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    """What a failing store raises: MLflow's error, SQLAlchemy's (a locked SQLite database surfaces raw), OSError."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return MlflowException, SQLAlchemyError, OSError
+
+
+@contextmanager
+def store(what: str) -> Iterator[None]:
+    """Turn a failing store (locked, read-only, unreachable) into one RegistryError line saying what was being done."""
+    try:
+        yield
+    except _store_errors() as err:
+        raise _store_error(what, err) from None
+
+
+def _store_error(what: str, err: BaseException) -> RegistryError:
+    text = str(getattr(err, "orig", None) or getattr(err, "message", None) or err).strip().splitlines()
+    return RegistryError(f"{what}: {text[0] if text else type(err).__name__}")
+
+
+def check_name(client: Any, name: str) -> bool:
+    """Whether ``name`` exists already; a name MLflow refuses is a ConfigError naming it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        if err.error_code == "INVALID_PARAMETER_VALUE":
+            raise ConfigError(f"name={name!r}: {str(err.message).splitlines()[0]}") from None
+        raise _store_error(f"registry {client.tracking_uri}", err) from None
+
+
+def sweep_best(study: str, runs_dir: str, storage: Optional[str] = None) -> Path:
+    """The run folder of a sweep's best trial, from its Optuna study."""
+    import optuna
+
+    storage = storage or f"sqlite:///{Path(runs_dir) / 'sweeps' / study / 'study.db'}"
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"sweep={study}: no study at {storage} (run the sweep first, or pass --sweep_storage)")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        best = optuna.load_study(study_name=study, storage=storage).best_trial
+    except (KeyError, ValueError) as err:  # no such study in the storage / no complete trial yet
+        raise ConfigError(f"sweep={study}: {err}") from None
+    return Path(best.user_attrs["run_dir"])
+
+
+def _run_record(run_dir: Path) -> tuple[Optional[str], dict[str, float]]:
+    """The training run's data fingerprint and its last validation and test metrics (from its own records)."""
+    from mnist_dlops.runs import _read_yaml, run_row
+
+    try:
+        row = run_row(run_dir)
+        fingerprint = (_read_yaml(run_dir / "provenance.yaml").get("data") or {}).get("fingerprint")
+    except (OSError, ValueError):  # a checkpoint copied out of its run: no records beside it
+        return None, {}
+    metrics = {k: float(v) for k, v in row.items() if k.startswith(("val/", "test/")) and v == v and v is not None}
+    return fingerprint, metrics
+
+
+def _mlflow_run(client: Any, run_dir: Path, metrics: dict[str, float]) -> str:
+    """The MLflow run the training run logged (configs/mlflow.yaml), or a new one named after its folder."""
+    from mlflow.exceptions import MlflowException
+
+    id_file = run_dir / RUN_ID_FILE
+    if id_file.is_file():
+        try:
+            return client.get_run(id_file.read_text().strip()).info.run_id
+        except MlflowException:
+            pass  # logged into another store: this store gets a run of its own
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+    run = client.create_run(experiment_id, run_name=run_dir.name, tags={"mnist_dlops.run_dir": str(run_dir)})
+    for key, value in metrics.items():
+        client.log_metric(run.info.run_id, key, value)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def _log_model(file: Path, fmt: Format, class_names: list[str], metadata: dict[str, Any], run_id: str) -> Any:
+    """Log the export as an MLflow model in ``run_id``, with its signature and an input example."""
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    # Unnamed tensors: MLflow then hands the model the array itself (a named one arrives as a dict, which its
+    # PyTorch flavor refuses), and callers pass a plain uint8 array.
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 1, 28, 28))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(class_names)))]),
+    )
+    example = sample_images(2).numpy()
+    common = {"name": "model", "signature": signature, "input_example": example, "metadata": metadata}
+    with mlflow.start_run(run_id=run_id), _quiet_mlflow():
+        if fmt == "onnx":
+            import onnx
+
+            return mlflow.onnx.log_model(
+                onnx.load(str(file)), pip_requirements=[f"onnxruntime=={_version('onnxruntime')}"], **common
+            )
+        # Requirements given, not inferred: MLflow would otherwise import the model in a subprocess to guess them.
+        # "pickle" is MLflow's name for its non-pt2 format; a ScriptModule is written with torch.jit.save (no pickle).
+        return mlflow.pytorch.log_model(
+            torch.jit.load(str(file)), pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            serialization_format="pickle", **common
+        )
+
+
+@contextmanager
+def _quiet_mlflow() -> Iterator[None]:
+    """Silence three warnings that are about MLflow, not this model: its JSON serving check of the example, which
+    its PyTorch flavor refuses for any tensor input; its caution about pickle, which a TorchScript file is not
+    (MLflow writes it with torch.jit.save); torch's note that MLflow loads TorchScript through torch.load."""
+    loggers = [logging.getLogger(name) for name in ("mlflow.pytorch",)]
+    levels = [logger.level for logger in loggers]
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
+            for logger in loggers:
+                logger.setLevel(logging.ERROR)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def register(
+    ckpt_path: str = "best",
+    name: str = "mnist-digits",
+    format: Format = "torchscript",
+    alias: Optional[str] = None,
+    sweep: Optional[str] = None,
+    sweep_storage: Optional[str] = None,
+    runs_dir: str = "lightning_logs",
+    tracking_uri: Optional[str] = None,
+) -> int:
+    """Register a checkpoint's model as a new version of ``name``; returns the version number.
+
+    Args:
+        ckpt_path: A .ckpt file, a run folder, or ``last``/``best`` of the newest run under ``runs_dir``.
+        name: The registered model's name.
+        format: The export to register: ``torchscript`` (needs torch to load) or ``onnx`` (needs onnxruntime).
+        alias: Also point this alias (e.g. ``production``) at the new version.
+        sweep: Register the best trial of this sweep (its study name) instead of ``ckpt_path``'s run.
+        sweep_storage: The sweep's Optuna storage, if not ``sqlite:///<runs_dir>/sweeps/<sweep>/study.db``.
+        runs_dir: Folder of the runs.
+        tracking_uri: The MLflow store; default ``MLFLOW_TRACKING_URI``, else ``sqlite:///<runs_dir>/mlflow.db``.
+    """
+    if sweep:
+        run = sweep_best(sweep, runs_dir, sweep_storage)
+        print(f"sweep {sweep}: the best trial's run is {run}")
+        path = _best_in(run)
+    else:
+        path = resolve_ckpt(ckpt_path, Path(runs_dir))
+    path = path.resolve()  # recorded in the registry: absolute, so that it means the same from anywhere
+    module = rebuild(path)  # the same checks as every other entry point: weights-only, trusted classes of its kind
+    with store(f"opening the registry {store_uri(Path(runs_dir), tracking_uri)}"):
+        client = _client(runs_dir, tracking_uri)
+        existed = check_name(client, name)
+    run_dir = path.parent.parent
+    fingerprint, metrics = _run_record(run_dir)
+    metadata = {"class_names": list(module.class_names), "data_fingerprint": fingerprint,
+                "input": "uint8 [N, 1, 28, 28], white digit on black (0-255), as mnist_dlops.sources.to_mnist_image",
+                "output": "class probabilities [N, num_classes], in class_names order", "checkpoint": str(path)}
+    version = None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            export(str(path), formats=[format], out_dir=tmp)
+            run_id = _mlflow_run(client, run_dir, metrics)
+            file = Path(tmp) / ("model.onnx" if format == "onnx" else "model.pt")
+            info = _log_model(file, format, list(module.class_names), metadata, run_id)
+        if not existed:
+            client.create_registered_model(name, description="MNIST digit classifier (mnist-dlops)")
+        tags = {"run_dir": str(run_dir), "checkpoint": str(path), "format": format,
+                "data_fingerprint": fingerprint or "", **{k: f"{v:.6g}" for k, v in metrics.items()}}
+        version = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags).version
+        if alias:
+            client.set_registered_model_alias(name, alias, version)
+    except _store_errors() as err:
+        _take_back(client, name, version, existed)
+        raise _store_error(f"registering {path} as {name}", err) from None
+    except BaseException:
+        _take_back(client, name, version, existed)
+        raise
+    print(f"registered {name} version {version}{f' as @{alias}' if alias else ''} from {path}"
+          f"  (load: mlflow.pyfunc.load_model('models:/{name}/{version}'))")
+    return int(version)
+
+
+def _best_in(run_dir: Path) -> Path:
+    from mnist_dlops.restore import best_of
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise CheckpointError(f"{run_dir}: has no checkpoints/last.ckpt")
+    return best_of(last)
+
+
+def _take_back(client: Any, name: str, version: Optional[str], existed: bool) -> None:
+    """Leave nothing half-registered: the new version goes, and the registered model if this call created it."""
+    try:
+        if version is not None:
+            client.delete_model_version(name, version)
+        if not existed and client.search_model_versions(f"name='{name}'") == []:
+            client.delete_registered_model(name)
+    except _store_errors():
+        pass  # the store itself is failing (locked, read-only): nothing was written to take back
+
+
+def alias(target: str, version: int, runs_dir: str = "lightning_logs", tracking_uri: Optional[str] = None) -> None:
+    """Point an alias at a version: ``alias mnist-digits@production 3``.
+
+    Args:
+        target: ``<name>@<alias>``.
+        version: The version the alias will name.
+        runs_dir: Folder of the runs.
+        tracking_uri: The MLflow store; default ``MLFLOW_TRACKING_URI``, else ``sqlite:///<runs_dir>/mlflow.db``.
+    """
+    from mlflow.exceptions import MlflowException
+
+    name, sep, label = target.partition("@")
+    if not sep or not name or not label:
+        raise ConfigError(f"target={target!r}: expected <name>@<alias>, e.g. mnist-digits@production")
+    with store(f"alias {target}"):
+        client = _client(runs_dir, tracking_uri)
+        if not check_name(client, name):
+            raise ConfigError(f"target={target}: no registered model named {name!r}")
+        try:
+            client.get_model_version(name, str(version))
+        except MlflowException:
+            raise ConfigError(
+                f"version={version}: {name} has no such version (see: python -m mnist_dlops.registry list --name {name})"
+            ) from None
+        client.set_registered_model_alias(name, label, str(version))
+    print(f"{name}@{label} -> version {version}")
+
+
+def versions(name: Optional[str] = None, runs_dir: str = "lightning_logs",
+             tracking_uri: Optional[str] = None) -> list[dict[str, Any]]:
+    """The registered versions (of ``name``, or of every model), newest first, as rows of plain values."""
+    with store(f"reading the registry {store_uri(Path(runs_dir), tracking_uri)}"):
+        return _versions(_client(runs_dir, tracking_uri), name)
+
+
+def _versions(client: Any, name: Optional[str]) -> list[dict[str, Any]]:
+    from datetime import datetime
+
+    if name is not None and not check_name(client, name):
+        raise ConfigError(f"name={name}: no registered model of that name")
+    models = [client.get_registered_model(name)] if name else client.search_registered_models()
+    rows = []
+    for model in models:
+        aliases: dict[str, list[str]] = {}
+        # The search results carry no aliases: the registered model itself does.
+        for label, number in client.get_registered_model(model.name).aliases.items():
+            aliases.setdefault(str(number), []).append(label)
+        for v in client.search_model_versions(f"name='{model.name}'"):
+            rows.append({
+                "name": model.name, "version": int(v.version), "aliases": ",".join(sorted(aliases.get(str(v.version), []))),
+                **{m: v.tags.get(m, "") for m in SHOWN_METRICS},
+                "run": Path(v.tags.get("run_dir", "")).name, "run_id": (v.run_id or "")[:8],
+                "data": v.tags.get("data_fingerprint", "")[:12], "format": v.tags.get("format", ""),
+                "date": datetime.fromtimestamp(v.creation_timestamp / 1000).strftime("%Y-%m-%d %H:%M"),
+            })
+    return sorted(rows, key=lambda r: (r["name"], -r["version"]))
+
+
+def list_versions(name: Optional[str] = None, runs_dir: str = "lightning_logs",
+                  tracking_uri: Optional[str] = None) -> None:
+    """Print the registered versions with their aliases, metrics, run, data fingerprint and date.
+
+    Args:
+        name: One registered model (default: all).
+        runs_dir: Folder of the runs.
+        tracking_uri: The MLflow store; default ``MLFLOW_TRACKING_URI``, else ``sqlite:///<runs_dir>/mlflow.db``.
+    """
+    import pandas as pd
+
+    rows = versions(name, runs_dir, tracking_uri)
+    if not rows:
+        print("no registered model yet (register one: python -m mnist_dlops.registry register --ckpt_path best)")
+        return
+    print(pd.DataFrame(rows).to_string(index=False))
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """``python -m mnist_dlops.registry {register,alias,list}``, with one-line errors."""
+    from jsonargparse import CLI
+
+    try:
+        CLI({"register": register, "alias": alias, "list": list_versions}, args=argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+
+
+if __name__ == "__main__":
+    main()
