@@ -7,6 +7,7 @@ training loop never decodes an image; they raise :class:`DataError` with one lin
 from __future__ import annotations
 
 import gzip
+import io
 import struct
 from pathlib import Path
 
@@ -106,28 +107,45 @@ def read_png_split(root: Path, split: str, class_of: dict[str, int]) -> tuple[to
     return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
 
 
+# An upload larger than this is refused before it is decoded: a small file can claim 20000x20000 pixels (a
+# decompression bomb) and take gigabytes once decoded. A 16-megapixel phone photo still passes.
+MAX_PIXELS = 4096 * 4096
+
+
 def to_mnist_image(img):  # PIL.Image in, PIL.Image out; untyped to keep Pillow an on-demand import
     """Convert any PIL image to MNIST's format: a white digit on black, 8-bit grayscale, 28x28.
 
     A dark digit on a light background is inverted. A 28x28 image is otherwise kept as it is (MNIST's own digits
-    written as PNG stay bit-identical); any other size is normalized as MNIST was made: the digit's bounding box
-    scaled to fit 20x20, then placed so that its center of mass is at the center of the 28x28 image.
+    written as PNG stay bit-identical). Any other size is treated as a photo or a scan and normalized as MNIST was
+    made: the paper's own level (a plane fitted to the border) is removed; the digit is found by Otsu's threshold on
+    a median-filtered copy (so that specks of noise do not widen it) and stretched to full contrast; its bounding
+    box is scaled to fit 20x20 and placed so that its center of mass is at the center of the 28x28 image.
     """
-    from PIL import Image
+    from PIL import Image, ImageFilter
 
-    pixels = np.asarray(img.convert("L"), dtype=np.uint8)
+    gray = img.convert("L")
+    pixels = np.asarray(gray, dtype=np.uint8)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    if border.mean() > 160:  # clearly light paper (MNIST borders are 0; noise averages 128)
+    inverted = np.median(border) > 160  # clearly light paper, dark ink (MNIST borders are 0; noise averages 128)
+    if inverted:
         pixels = 255 - pixels
     if pixels.shape == (28, 28):
         return Image.fromarray(pixels)
-    rows, cols = np.nonzero(pixels > 32)
-    if len(rows):
-        pixels = pixels[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-    h, w = pixels.shape
+    ink = np.clip(pixels.astype(np.float64) - _paper(pixels), 0, 255)
+    smooth = np.asarray(Image.fromarray(ink.astype(np.uint8)).filter(ImageFilter.MedianFilter(3)), dtype=np.float64)
+    peak = smooth.max()
+    if peak < 16:  # a blank page: nothing to find
+        return Image.fromarray(np.zeros((28, 28), dtype=np.uint8))
+    # Otsu splits ink from paper; a small digit on a large page is too few pixels for it, hence the floor.
+    threshold = max(_otsu(smooth), peak / 4)
+    rows, cols = np.nonzero(smooth > threshold)
+    ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    ink[ink < threshold / 2] = 0  # what is left of the paper's texture inside the box
+    ink = np.clip(ink * (255.0 / peak), 0, 255)  # the ink at full contrast, as MNIST's strokes are
+    h, w = ink.shape
     scale = 20 / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    digit = np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.LANCZOS), dtype=np.float64)
+    digit = np.asarray(Image.fromarray(ink.astype(np.uint8)).resize(size, Image.Resampling.LANCZOS), dtype=np.float64)
     mass = digit.sum() or 1.0
     cy = (digit.sum(axis=1) * np.arange(digit.shape[0])).sum() / mass
     cx = (digit.sum(axis=0) * np.arange(digit.shape[1])).sum() / mass
@@ -136,6 +154,54 @@ def to_mnist_image(img):  # PIL.Image in, PIL.Image out; untyped to keep Pillow 
     canvas = np.zeros((28, 28), dtype=np.uint8)
     canvas[top : top + digit.shape[0], left : left + digit.shape[1]] = np.clip(digit, 0, 255).astype(np.uint8)
     return Image.fromarray(canvas)
+
+
+def _paper(pixels: np.ndarray) -> np.ndarray:
+    """The paper's own level under the whole image: a plane fitted to the border (robust to a digit touching it),
+    so that uneven lighting across a photo is removed with it."""
+    h, w = pixels.shape
+    ys, xs = np.mgrid[0:h, 0:w]
+    edge = np.zeros((h, w), dtype=bool)
+    edge[[0, -1], :] = edge[:, [0, -1]] = True
+    values = pixels[edge].astype(np.float64)
+    keep = values <= np.percentile(values, 75)  # the darkest three quarters: ink reaching the border is bright
+    design = np.stack([np.ones(edge.sum()), ys[edge], xs[edge]], axis=1)[keep]
+    coef, *_ = np.linalg.lstsq(design, values[keep], rcond=None)
+    return coef[0] + coef[1] * ys + coef[2] * xs
+
+
+def _otsu(pixels: np.ndarray) -> float:
+    """Otsu's threshold of 0-255 values: the level that best splits them into two classes (ink and paper)."""
+    counts = np.bincount(np.clip(pixels, 0, 255).astype(np.int64).ravel(), minlength=256).astype(np.float64)
+    levels = np.arange(256, dtype=np.float64)
+    weight = np.cumsum(counts)
+    mean = np.cumsum(counts * levels)
+    total, total_mean = weight[-1], mean[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (total_mean * weight - mean * total) ** 2 / (weight * (total - weight))
+    return float(np.nanargmax(between[:-1]))
+
+
+def decode_image(data: bytes, name: str = "image") -> np.ndarray:
+    """An encoded image (PNG, JPEG...) as an MNIST-format uint8 ``[28, 28]`` array: what ``predict`` and the server
+    both use. Not an image, cut short, or over ``MAX_PIXELS``: a DataError naming ``name``."""
+    from PIL import Image, UnidentifiedImageError  # only the PNG sources and the server need Pillow
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only: the size is known before decoding
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                raise ImageTooLarge(f"{name}: {width}x{height} pixels, more than the {MAX_PIXELS:,} accepted")
+            img.load()
+            return np.asarray(to_mnist_image(img))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        if isinstance(err, ImageTooLarge):
+            raise
+        raise DataError(f"{name}: not a readable image ({err.__class__.__name__})") from err
+
+
+class ImageTooLarge(DataError):
+    """An image with more pixels than ``MAX_PIXELS``."""
 
 
 def read_png_folder(folder: Path) -> tuple[torch.Tensor, list[Path]]:
@@ -150,10 +216,8 @@ def read_png_folder(folder: Path) -> tuple[torch.Tensor, list[Path]]:
 
 def read_png(file: Path) -> np.ndarray:
     """One image file as an MNIST-format uint8 ``[28, 28]`` array; a file that is not an image is a DataError."""
-    from PIL import Image, UnidentifiedImageError  # only the PNG sources need Pillow
-
     try:
-        with Image.open(file) as img:
-            return np.asarray(to_mnist_image(img))
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"{file}: not a readable image ({err.__class__.__name__})") from err
+        data = file.read_bytes()
+    except OSError as err:
+        raise DataError(f"{file}: cannot be read ({err.strerror})") from err
+    return decode_image(data, str(file))

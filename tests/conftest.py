@@ -156,3 +156,32 @@ def postgres():
     finally:
         subprocess.run([*user, str(pg_ctl), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def digit_photo(digit: np.ndarray, paper: float, size: int, frame: tuple[int, int], offset: tuple[int, int],
+                noise: float, seed: int = 0, gradient: float = 0.0, fmt: str = "PNG") -> bytes:
+    """An MNIST digit as a photo or scan of paper: dark ink on ``paper`` grey, ``size`` pixels tall at ``offset``
+    in a ``frame`` (height, width), with Gaussian noise and a left-to-right lighting ``gradient``; encoded bytes."""
+    import io
+
+    from PIL import Image
+
+    big = np.asarray(Image.fromarray(digit).resize((size, size), Image.Resampling.BICUBIC), dtype=np.float64) / 255
+    height, width = frame
+    page = np.full(frame, float(paper)) + np.linspace(-gradient, gradient, width)[None, :]
+    y, x = offset
+    page[y : y + size, x : x + size] = page[y : y + size, x : x + size] * (1 - big) + 30.0 * big
+    page += np.random.default_rng(seed).normal(0, noise, page.shape) if noise else 0
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(page, 0, 255).astype(np.uint8)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+# Photos and scans people upload: white, grey, noisy and unevenly lit paper; large, small and off-centre digits.
+PHOTOS = {
+    "white": dict(paper=250, size=200, frame=(300, 300), offset=(50, 50), noise=0),
+    "grey": dict(paper=200, size=120, frame=(400, 300), offset=(30, 150), noise=0),
+    "grey-noisy": dict(paper=190, size=100, frame=(480, 640), offset=(300, 60), noise=12),
+    "uneven": dict(paper=180, size=80, frame=(300, 400), offset=(100, 250), noise=6, gradient=30),
+    "small": dict(paper=210, size=40, frame=(500, 500), offset=(400, 20), noise=4),
+}

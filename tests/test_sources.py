@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import fake_digits, make_idx_set, make_png_tree, write_idx
+from conftest import PHOTOS, digit_photo, fake_digits, make_idx_set, make_png_tree, write_idx
 from PIL import Image
 
 from mnist_dlops.errors import DataError
-from mnist_dlops.sources import read_idx_split, read_png_split
+from mnist_dlops.sources import IDX_FILES, find_idx, read_idx, read_idx_split, read_png_split
 
 DIGITS = {str(d): d for d in range(10)}
 
@@ -139,3 +139,19 @@ def test_bad_png_tree_names_the_fault(tmp_path: Path, make_fault, message: str) 
     make_fault(root)
     with pytest.raises(DataError, match=message):
         read_png_split(root, "train", DIGITS)
+
+
+@pytest.mark.parametrize("paper", sorted(PHOTOS))
+def test_a_digit_is_found_on_any_paper(paper: str, mnist_dir: Path) -> None:
+    """Photos of real MNIST digits (grey, noisy, unevenly lit paper; small and off-centre) come out as MNIST made
+    them: the digit, not the page, fitted into 20x20 and centred, close to the original 28x28 image."""
+    from mnist_dlops.sources import decode_image
+
+    originals = read_idx(find_idx(mnist_dir, IDX_FILES["test"][0]), 0x00000803)[:30]
+    similarity = []
+    for i, original in enumerate(originals):
+        digit = decode_image(digit_photo(original, seed=i, **PHOTOS[paper])).astype(np.float64)
+        rows, cols = np.nonzero(digit > 32)
+        assert rows.max() - rows.min() < 22 and cols.max() - cols.min() < 22  # the digit, not the page
+        similarity.append(np.corrcoef(digit.ravel(), original.astype(np.float64).ravel())[0, 1])
+    assert np.mean(similarity) > 0.7, similarity
