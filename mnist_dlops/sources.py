@@ -194,9 +194,9 @@ def decode_image(data: bytes, name: str = "image") -> np.ndarray:
                 raise ImageTooLarge(f"{name}: {width}x{height} pixels, more than the {MAX_PIXELS:,} accepted")
             img.load()
             return np.asarray(to_mnist_image(img))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        if isinstance(err, ImageTooLarge):
-            raise
+    except Image.DecompressionBombError as err:  # Pillow's own guard, at open, for the most extreme sizes
+        raise ImageTooLarge(f"{name}: more pixels than the {MAX_PIXELS:,} accepted ({err})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{name}: not a readable image ({err.__class__.__name__})") from err
 
 

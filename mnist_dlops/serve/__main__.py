@@ -1,0 +1,77 @@
+"""``python -m mnist_dlops.serve``: the model behind an HTTP API and a draw-a-digit page.
+
+    python -m mnist_dlops.serve --model models:/mnist-digits@production     # a registered version, by alias
+    python -m mnist_dlops.serve --ckpt_path best                            # or a checkpoint, or an export file
+
+Then open http://127.0.0.1:8000/ and draw, or ``curl -F image=@digit.png http://127.0.0.1:8000/predict``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Literal, Optional
+
+from mnist_dlops.errors import UserError
+
+
+def serve(
+    model: Optional[str] = None,
+    ckpt_path: Optional[str] = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 2,
+    max_batch_size: int = 16,
+    batch_timeout: float = 0.005,
+    max_upload_mb: float = 10,
+    threads: Optional[int] = None,
+    accelerator: Literal["cpu", "cuda", "auto"] = "cpu",
+    api_servers: int = 1,
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "warning",
+    runs_dir: str = "lightning_logs",
+    tracking_uri: Optional[str] = None,
+) -> None:
+    """Serve a model: ``POST /predict``, ``GET /metadata``, ``GET /health``, and the draw-a-digit page at ``/``.
+
+    Args:
+        model: ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` from the registry, or an exported
+            ``model.pt`` (TorchScript) or ``model.onnx`` with its ``classes.txt``.
+        ckpt_path: Instead of ``model``: a checkpoint, a run folder, or ``best``/``last`` of the newest run.
+        host: The address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
+        port: The port to listen on.
+        workers: Model worker processes (each with its share of the CPU threads).
+        max_batch_size: Requests batched into one forward pass, across clients.
+        batch_timeout: Seconds a worker waits to fill a batch.
+        max_upload_mb: Largest request body accepted (413 above it).
+        threads: Torch threads per worker (default: the cores divided among the workers).
+        accelerator: Where the workers run the model.
+        api_servers: HTTP server processes in front of the workers.
+        log_level: Uvicorn's log level (``info`` logs every request).
+        runs_dir: Folder of the runs (for ``best``/``last`` and the default MLflow store).
+        tracking_uri: The MLflow store; default ``MLFLOW_TRACKING_URI``, else ``sqlite:///<runs_dir>/mlflow.db``.
+    """
+    from mnist_dlops.serve.api import build_server
+    from mnist_dlops.serve.model import check, resolve
+
+    served = resolve(model, ckpt_path, runs_dir, tracking_uri)
+    check(served)
+    server = build_server(served, workers=workers, max_batch_size=max_batch_size, batch_timeout=batch_timeout,
+                          max_upload_mb=max_upload_mb, accelerator=accelerator, threads=threads)
+    version = f" version {served.version}" if served.version else ""
+    print(f"serving {served.name}{version} ({served.format}, classes {','.join(served.class_names)}) "
+          f"on http://{host}:{port}/  (POST /predict, GET /metadata, GET /health)", flush=True)
+    server.run(host=host, port=port, num_api_servers=api_servers, log_level=log_level, generate_client_file=False)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Parse the flags of ``serve`` and run it, with one-line errors."""
+    from jsonargparse import CLI
+
+    try:
+        CLI(serve, as_positional=False, args=argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+
+
+if __name__ == "__main__":
+    main()

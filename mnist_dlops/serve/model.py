@@ -1,0 +1,189 @@
+"""What the server serves: a registered model version, an export, or a checkpoint, checked before anything loads.
+
+Nothing here unpickles a stranger's file. A checkpoint goes through ``MNISTModule.load_from_checkpoint`` (weights
+only, trusted classes of their kind: the same check as the CLI's). A registered version or an export must be
+TorchScript (loaded with ``torch.jit.load``, never ``torch.load``: TorchScript runs only TorchScript ops, no Python)
+or ONNX (a graph, run by onnxruntime). An MLflow model of any other flavor (a ``python_function`` model is
+cloudpickled Python) or a "pytorch" model saved by pickle is refused before a byte of it is loaded.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import torch
+import yaml
+from torch import Tensor
+
+from mnist_dlops.errors import CheckpointError, ConfigError
+
+Format = Literal["checkpoint", "torchscript", "onnx"]
+Forward = Callable[[Tensor], Tensor]  # uint8 [N, 1, 28, 28] -> float32 probabilities [N, num_classes]
+
+
+@dataclass
+class ServedModel:
+    """A model ready to load in each server worker, with what the API reports about it."""
+
+    file: Path
+    format: Format
+    class_names: list[str]
+    name: str
+    version: Optional[str] = None
+    data_fingerprint: Optional[str] = None
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, Any]:
+        """What ``GET /metadata`` answers: the model, its classes, and the input the API takes."""
+        return {
+            "model": {"name": self.name, "version": self.version, "format": self.format, "source": self.source},
+            "classes": self.class_names,
+            "data_fingerprint": self.data_fingerprint,
+            "input": {
+                "image": "POST /predict with a PNG/JPEG body, a multipart upload, or JSON {\"image\": <base64>}",
+                "arrays": "JSON {\"images\": [28x28 arrays of 0-255]}, white digit on black, as MNIST",
+            },
+            "output": "class and probabilities per class name",
+        }
+
+    def load(self) -> Forward:
+        """The model's forward function (in a worker process): probabilities for uint8 images."""
+        if self.format == "checkpoint":
+            from mnist_dlops.export import Probabilities, rebuild
+
+            module = Probabilities(rebuild(self.file)).eval()
+            return _no_grad(module)
+        if self.format == "torchscript":
+            return _no_grad(torch.jit.load(str(self.file), map_location="cpu").eval())
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = onnxruntime.InferenceSession(str(self.file), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+
+        def forward(images: Tensor) -> Tensor:
+            return torch.from_numpy(session.run(None, {name: images.numpy()})[0])
+
+        return forward
+
+
+def _no_grad(module: torch.nn.Module) -> Forward:
+    def forward(images: Tensor) -> Tensor:
+        with torch.inference_mode():
+            return module(images)
+
+    return forward
+
+
+def is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (its compiled code inside), not a pickled Python object."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
+def from_checkpoint(ckpt_path: str, runs_dir: str = "lightning_logs") -> ServedModel:
+    """A checkpoint (``best``/``last``, a run folder, or a file), checked as every entry point checks one."""
+    from mnist_dlops.export import rebuild
+    from mnist_dlops.restore import resolve_ckpt
+
+    path = resolve_ckpt(ckpt_path, Path(runs_dir)).resolve()
+    module = rebuild(path)  # fails here, in the parent, rather than in every worker
+    run_dir = path.parent.parent
+    fingerprint = None
+    provenance = run_dir / "provenance.yaml"
+    if provenance.is_file():
+        fingerprint = ((yaml.safe_load(provenance.read_text()) or {}).get("data") or {}).get("fingerprint")
+    return ServedModel(path, "checkpoint", list(module.class_names), run_dir.name, None, fingerprint, str(path))
+
+
+def from_export(path: str) -> ServedModel:
+    """A file of ``mnist_dlops.export``: ``model.pt`` (TorchScript) or ``model.onnx``, with ``classes.txt`` beside."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"model={path}: no such file")
+    classes = file.with_name("classes.txt")
+    if not classes.is_file():
+        raise ConfigError(f"model={path}: no classes.txt beside it (python -m mnist_dlops.export writes one)")
+    class_names = classes.read_text().split()
+    if file.suffix == ".onnx":
+        return ServedModel(file.resolve(), "onnx", class_names, file.parent.name, source=str(file))
+    if not is_torchscript(file):
+        raise CheckpointError(f"{file}: not a TorchScript archive; the server loads TorchScript or ONNX only")
+    return ServedModel(file.resolve(), "torchscript", class_names, file.parent.name, source=str(file))
+
+
+def from_registry(uri: str, runs_dir: str = "lightning_logs", tracking_uri: Optional[str] = None,
+                  cache_dir: Optional[str] = None) -> ServedModel:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` from the MLflow registry, downloaded once."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from mnist_dlops.registry import store
+    from mnist_dlops.trackers.mlflow import store_uri
+
+    reference = uri.removeprefix("models:/")
+    name, at, alias = reference.partition("@")
+    if not at:
+        name, _, number = reference.rpartition("/")
+    if not name or not (alias if at else number):
+        raise ConfigError(f"model={uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    location = store_uri(Path(runs_dir), tracking_uri)
+    with store(f"model={uri}"):
+        client = mlflow.MlflowClient(location)
+        try:
+            version = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, number)
+        except MlflowException:
+            raise ConfigError(f"model={uri}: no such registered model version in {location}") from None
+        target = Path(cache_dir or tempfile.mkdtemp(prefix="mnist-dlops-serve-"))
+        folder = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version.version}", dst_path=str(target), tracking_uri=location))
+    # The files land in the folder, or in a sub-folder named after the version's source path: find its MLmodel.
+    descriptor = next(iter(sorted(folder.rglob("MLmodel"), key=lambda p: len(p.parts))), None)
+    if descriptor is None:
+        raise CheckpointError(f"model={uri}: not an MLflow model (no MLmodel file in its artifacts)")
+    folder = descriptor.parent
+    mlmodel = yaml.safe_load(descriptor.read_text()) or {}
+    flavors, metadata = mlmodel.get("flavors") or {}, mlmodel.get("metadata") or {}
+    if "onnx" in flavors:
+        file, fmt = folder / flavors["onnx"]["data"], "onnx"
+    elif "pytorch" in flavors:
+        file, fmt = folder / flavors["pytorch"].get("model_data", "data") / "model.pth", "torchscript"
+        if not is_torchscript(file):
+            raise CheckpointError(f"model={uri}: a pickled PyTorch model, which would run code when loaded; "
+                                  "the server loads TorchScript or ONNX versions only (registry register makes one)")
+    else:
+        raise CheckpointError(f"model={uri}: flavors {sorted(flavors)}; the server loads TorchScript or ONNX only "
+                              "(a python_function model is pickled code)")
+    class_names = [str(c) for c in metadata.get("class_names") or []]
+    if not class_names:
+        raise CheckpointError(f"model={uri}: records no class_names (register it with python -m mnist_dlops.registry)")
+    return ServedModel(file, fmt, class_names, name, str(version.version), metadata.get("data_fingerprint"), uri)
+
+
+def resolve(model: Optional[str], ckpt_path: Optional[str], runs_dir: str = "lightning_logs",
+            tracking_uri: Optional[str] = None) -> ServedModel:
+    """The served model named by ``--model`` (a registry URI or an export file) or ``--ckpt_path``."""
+    if (model is None) == (ckpt_path is None):
+        raise ConfigError("give either --model (models:/<name>@<alias>, or an exported model.pt/model.onnx) "
+                          "or --ckpt_path (best, last, a run folder or a .ckpt file)")
+    if ckpt_path is not None:
+        return from_checkpoint(ckpt_path, runs_dir)
+    if model.startswith("models:/"):
+        return from_registry(model, runs_dir, tracking_uri)
+    return from_export(model)
+
+
+def check(served: ServedModel) -> None:
+    """Load once and run one blank image: a model that does not map MNIST images to its classes fails here."""
+    probs = served.load()(torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
+    if tuple(probs.shape) != (1, len(served.class_names)) or abs(float(probs.sum()) - 1) > 1e-3:
+        raise CheckpointError(f"{served.source}: gives {tuple(probs.shape)} outputs for one image, not "
+                              f"probabilities over its {len(served.class_names)} classes")
