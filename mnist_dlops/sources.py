@@ -118,30 +118,41 @@ def to_mnist_image(img):  # PIL.Image in, PIL.Image out; untyped to keep Pillow 
     A dark digit on a light background is inverted. A 28x28 image is otherwise kept as it is (MNIST's own digits
     written as PNG stay bit-identical). Any other size is treated as a photo or a scan and normalized as MNIST was
     made: the paper's own level (a plane fitted to the border) is removed; the digit is found by Otsu's threshold on
-    a median-filtered copy (so that specks of noise do not widen it) and stretched to full contrast; its bounding
-    box is scaled to fit 20x20 and placed so that its center of mass is at the center of the 28x28 image.
+    a reduced, median-filtered copy (so that specks of noise do not widen it) and stretched to full contrast; its
+    bounding box is scaled to fit 20x20 and placed so that its center of mass is at the center of the 28x28 image.
     """
-    from PIL import Image, ImageFilter
+    from PIL import Image, ImageFilter, ImageOps
 
     gray = img.convert("L")
     pixels = np.asarray(gray, dtype=np.uint8)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     inverted = np.median(border) > 160  # clearly light paper, dark ink (MNIST borders are 0; noise averages 128)
     if inverted:
-        pixels = 255 - pixels
+        gray = ImageOps.invert(gray)
     if pixels.shape == (28, 28):
-        return Image.fromarray(pixels)
-    ink = np.clip(pixels.astype(np.float64) - _paper(pixels), 0, 255)
-    smooth = np.asarray(Image.fromarray(ink.astype(np.uint8)).filter(ImageFilter.MedianFilter(3)), dtype=np.float64)
-    peak = smooth.max()
-    if peak < 16:  # a blank page: nothing to find
+        return gray
+    # The digit is found on a copy reduced to at most ~64 pixels a side (box averages of k x k pixels: cheap, and
+    # they calm the noise), then cut out of the full-resolution image, so that a small digit keeps its detail.
+    # Unreduced, a median filter does the calming, so that specks of noise do not widen the digit's box.
+    k = max(1, max(pixels.shape) // 64)
+    small = gray.reduce(k)
+    small = np.asarray(small.filter(ImageFilter.MedianFilter(3)) if k < 3 else small, dtype=np.float32)
+    a, b, c = _paper(small)
+    smooth = np.clip(small - _plane(a, b, c, 0, 0, *small.shape), 0, 255)
+    if smooth.max() < 16:  # a blank page: nothing to find
         return Image.fromarray(np.zeros((28, 28), dtype=np.uint8))
     # Otsu splits ink from paper; a small digit on a large page is too few pixels for it, hence the floor.
-    threshold = max(_otsu(smooth), peak / 4)
+    threshold = max(_otsu(smooth), smooth.max() / 4)
     rows, cols = np.nonzero(smooth > threshold)
-    ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    top, left = rows.min() * k, cols.min() * k
+    crop = np.asarray(gray.crop((left, top, (cols.max() + 1) * k, (rows.max() + 1) * k)), dtype=np.float32)
+    # The same plane at full resolution: a reduced pixel (i, j) is the mean of the k x k block around k*i + (k-1)/2.
+    shift = (k - 1) / 2
+    paper = _plane(a, b / k, c / k, top - shift, left - shift, *crop.shape)
+    ink = np.clip(crop - paper, 0, 255)
     ink[ink < threshold / 2] = 0  # what is left of the paper's texture inside the box
-    ink = np.clip(ink * (255.0 / peak), 0, 255)  # the ink at full contrast, as MNIST's strokes are
+    peak = np.percentile(ink[ink > threshold], 90) if (ink > threshold).any() else ink.max()
+    ink = np.clip(ink * (255.0 / max(peak, 1.0)), 0, 255)  # the ink at full contrast, as MNIST's strokes are
     h, w = ink.shape
     scale = 20 / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
@@ -156,18 +167,24 @@ def to_mnist_image(img):  # PIL.Image in, PIL.Image out; untyped to keep Pillow 
     return Image.fromarray(canvas)
 
 
-def _paper(pixels: np.ndarray) -> np.ndarray:
-    """The paper's own level under the whole image: a plane fitted to the border (robust to a digit touching it),
+def _paper(pixels: np.ndarray) -> tuple[float, float, float]:
+    """The paper's own level: a plane ``a + b*row + c*col`` fitted to the border (robust to a digit touching it),
     so that uneven lighting across a photo is removed with it."""
     h, w = pixels.shape
-    ys, xs = np.mgrid[0:h, 0:w]
-    edge = np.zeros((h, w), dtype=bool)
-    edge[[0, -1], :] = edge[:, [0, -1]] = True
-    values = pixels[edge].astype(np.float64)
+    ys = np.concatenate([np.zeros(w), np.full(w, h - 1), np.arange(h), np.arange(h)])
+    xs = np.concatenate([np.arange(w), np.arange(w), np.zeros(h), np.full(h, w - 1)])
+    values = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]).astype(np.float64)
     keep = values <= np.percentile(values, 75)  # the darkest three quarters: ink reaching the border is bright
-    design = np.stack([np.ones(edge.sum()), ys[edge], xs[edge]], axis=1)[keep]
-    coef, *_ = np.linalg.lstsq(design, values[keep], rcond=None)
-    return coef[0] + coef[1] * ys + coef[2] * xs
+    design = np.stack([np.ones(len(values)), ys, xs], axis=1)[keep]
+    (a, b, c), *_ = np.linalg.lstsq(design, values[keep], rcond=None)
+    return float(a), float(b), float(c)
+
+
+def _plane(a: float, b: float, c: float, top: float, left: float, h: int, w: int) -> np.ndarray:
+    """The plane ``a + b*row + c*col`` over the ``h`` x ``w`` block whose first pixel is at (``top``, ``left``)."""
+    rows = np.arange(h, dtype=np.float32)[:, None] + top
+    cols = np.arange(w, dtype=np.float32)[None, :] + left
+    return (a + b * rows + c * cols).astype(np.float32)
 
 
 def _otsu(pixels: np.ndarray) -> float:

@@ -206,6 +206,13 @@ def test_bad_input_is_a_4xx_and_the_server_keeps_serving(server: str, mnist_dir:
         assert status == code and reason in answer["detail"], (name, status, answer)
         assert "\n" not in answer["detail"] and "Traceback" not in answer["detail"]
         assert post(f"{server}/predict", good, "image/png")[0] == 200, f"not serving after {name}"
+    # Mistakes batched together with good requests (LitServe batches across clients) fail alone.
+    from concurrent.futures import ThreadPoolExecutor
+
+    mixed = [(good, "image/png", 200) if i % 3 else (b"junk", "image/png", 400) for i in range(48)]
+    with ThreadPoolExecutor(12) as pool:
+        statuses = list(pool.map(lambda case: post(f"{server}/predict", case[0], case[1])[0], mixed))
+    assert statuses == [code for _, _, code in mixed]
 
 
 def test_the_page_in_chromium_reads_a_drawn_seven(lab: Path, server: str, mnist_dir: Path) -> None:

@@ -21,7 +21,7 @@ def serve(
     port: int = 8000,
     workers: int = 2,
     max_batch_size: int = 16,
-    batch_timeout: float = 0.005,
+    batch_timeout: float = 0.001,
     max_upload_mb: float = 10,
     threads: Optional[int] = None,
     accelerator: Literal["cpu", "cuda", "auto"] = "cpu",

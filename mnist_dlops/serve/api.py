@@ -22,6 +22,7 @@ import litserve as ls
 import numpy as np
 import torch
 from fastapi import HTTPException
+from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mnist_dlops.errors import DataError
@@ -34,7 +35,7 @@ MAX_IMAGES = 256  # images in one JSON batch
 class DigitAPI(ls.LitAPI):
     """Images in, class probabilities out; requests batched across clients up to ``max_batch_size``."""
 
-    def __init__(self, served: ServedModel, threads: int = 1, max_batch_size: int = 16, batch_timeout: float = 0.005):
+    def __init__(self, served: ServedModel, threads: int = 1, max_batch_size: int = 16, batch_timeout: float = 0.001):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/predict")
         self.served = served
         self.threads = threads
@@ -43,15 +44,20 @@ class DigitAPI(ls.LitAPI):
         torch.set_num_threads(self.threads)  # the workers share the machine's cores
         self.forward = self.served.load()
 
-    def decode_request(self, request: dict) -> tuple[np.ndarray, bool, bool]:
-        """(uint8 images [k, 28, 28], whether the request was a JSON batch, whether to return the 28x28 image)."""
-        if not isinstance(request, dict):
-            raise HTTPException(400, "expected a JSON object with \"image\" (base64) or \"images\" (28x28 arrays)")
-        if "image" in request:
-            return _image(request["image"]), False, bool(request.get("return_image"))
-        if "images" in request:
-            return _arrays(request["images"]), True, False
-        raise HTTPException(400, f"no \"image\" or \"images\" key in the JSON body (keys: {sorted(request)[:5]})")
+    def decode_request(self, request: dict) -> Any:
+        """(uint8 images [k, 28, 28], whether the request was a JSON batch, whether to return the 28x28 image), or
+        the 4xx answer to a user's mistake. LitServe answers a whole batch with the error if one request's
+        decoding raises, so a mistake is carried as a value and answered on its own, its neighbours unharmed."""
+        try:
+            if not isinstance(request, dict):
+                raise HTTPException(400, "expected a JSON object with \"image\" (base64) or \"images\" (28x28 arrays)")
+            if "image" in request:
+                return _image(request["image"]), False, bool(request.get("return_image"))
+            if "images" in request:
+                return _arrays(request["images"]), True, False
+            raise HTTPException(400, f"no \"image\" or \"images\" key in the JSON body (keys: {sorted(request)[:5]})")
+        except HTTPException as err:
+            return err
 
     def batch(self, inputs: list) -> list:
         return inputs  # requests carry different numbers of images: stacked in predict, split back there
@@ -59,10 +65,16 @@ class DigitAPI(ls.LitAPI):
     def predict(self, inputs: Any) -> Any:
         batched = self.max_batch_size > 1
         items = inputs if batched else [inputs]
-        images = torch.from_numpy(np.concatenate([images for images, _, _ in items]))[:, None]
-        probs = self.forward(images).float().numpy()
+        valid = [item for item in items if not isinstance(item, HTTPException)]
+        if valid:
+            images = torch.from_numpy(np.concatenate([images for images, _, _ in valid]))[:, None]
+            probs = self.forward(images).float().numpy()
         outputs, start = [], 0
-        for images, is_batch, return_image in items:
+        for item in items:
+            if isinstance(item, HTTPException):
+                outputs.append(item)
+                continue
+            images, is_batch, return_image = item
             outputs.append((probs[start : start + len(images)], images, is_batch, return_image))
             start += len(images)
         return outputs if batched else outputs[0]
@@ -70,7 +82,9 @@ class DigitAPI(ls.LitAPI):
     def unbatch(self, output: list) -> list:
         return output
 
-    def encode_response(self, output: tuple) -> dict:
+    def encode_response(self, output: Any) -> Response:
+        if isinstance(output, HTTPException):
+            return JSONResponse({"detail": output.detail}, status_code=output.status_code)
         probs, images, is_batch, return_image = output
         names = self.served.class_names
         predictions = [
@@ -82,7 +96,7 @@ class DigitAPI(ls.LitAPI):
             answer["image"] = images[0].tolist()  # the 28x28 image the model saw
         answer["model"] = {"name": self.served.name, "version": self.served.version}
         answer["data_fingerprint"] = self.served.data_fingerprint
-        return answer
+        return JSONResponse(answer)
 
 
 def _image(encoded: Any) -> np.ndarray:
@@ -197,10 +211,10 @@ def page() -> str:
     return resources.files("mnist_dlops.serve").joinpath("page.html").read_text()
 
 
-def build_server(served: ServedModel, workers: int = 1, max_batch_size: int = 16, batch_timeout: float = 0.005,
+def build_server(served: ServedModel, workers: int = 1, max_batch_size: int = 16, batch_timeout: float = 0.001,
                  max_upload_mb: float = 10, accelerator: str = "cpu", threads: Optional[int] = None) -> ls.LitServer:
     """A LitServer for ``served`` with the page, ``/metadata`` and upload handling."""
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.responses import HTMLResponse
 
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     api = DigitAPI(served, threads=threads, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
