@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
+import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from typing import Any, Literal, Optional
 from mnist_dlops.errors import CheckpointError, ConfigError, UserError
 from mnist_dlops.export import export, rebuild, sample_images
 from mnist_dlops.restore import resolve_ckpt
-from mnist_dlops.trackers.mlflow import RUN_ID_FILE, store_uri
+from mnist_dlops.trackers.mlflow import RUN_ID_FILE, artifact_root, store_uri
 
 Format = Literal["torchscript", "onnx"]
 EXPERIMENT = "mnist-dlops"
@@ -41,12 +42,12 @@ class RegistryError(UserError):
 
 
 def _client(runs_dir: str, tracking_uri: Optional[str]) -> Any:
+    """A client of the store. Never ``mlflow.set_tracking_uri``: it also sets ``MLFLOW_TRACKING_URI`` in the
+    process environment, and every later run in the process (a test, a sweep) would log into this store."""
     import mlflow
 
     uri = store_uri(Path(runs_dir), tracking_uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return mlflow.MlflowClient(uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _store_errors() -> tuple[type[BaseException], ...]:
@@ -125,7 +126,8 @@ def _mlflow_run(client: Any, run_dir: Path, metrics: dict[str, float]) -> str:
         except MlflowException:
             pass  # logged into another store: this store gets a run of its own
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+        EXPERIMENT, artifact_location=artifact_root(run_dir.parent, client.tracking_uri))
     run = client.create_run(experiment_id, run_name=run_dir.name, tags={"mnist_dlops.run_dir": str(run_dir)})
     for key, value in metrics.items():
         client.log_metric(run.info.run_id, key, value)
@@ -133,7 +135,8 @@ def _mlflow_run(client: Any, run_dir: Path, metrics: dict[str, float]) -> str:
     return run.info.run_id
 
 
-def _log_model(file: Path, fmt: Format, class_names: list[str], metadata: dict[str, Any], run_id: str) -> Any:
+def _log_model(client: Any, file: Path, fmt: Format, class_names: list[str], metadata: dict[str, Any],
+               run_id: str) -> str:
     """Log the export as an MLflow model in ``run_id``, with its signature and an input example."""
     import mlflow
     import numpy as np
@@ -148,20 +151,28 @@ def _log_model(file: Path, fmt: Format, class_names: list[str], metadata: dict[s
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(class_names)))]),
     )
     example = sample_images(2).numpy()
-    common = {"name": "model", "signature": signature, "input_example": example, "metadata": metadata}
-    with mlflow.start_run(run_id=run_id), _quiet_mlflow():
+    common = {"signature": signature, "input_example": example, "metadata": metadata}
+    # Saved to a folder, then logged into the run by the client: MLflow's fluent log_model needs the process-wide
+    # tracking URI (see _client). Each registration gets its own artifact folder, so no version replaces another's.
+    artifact_path = f"registered-model-{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory() as tmp, _quiet_mlflow():
+        folder = Path(tmp) / artifact_path
         if fmt == "onnx":
             import onnx
 
-            return mlflow.onnx.log_model(
-                onnx.load(str(file)), pip_requirements=[f"onnxruntime=={_version('onnxruntime')}"], **common
+            mlflow.onnx.save_model(
+                onnx.load(str(file)), str(folder), pip_requirements=[f"onnxruntime=={_version('onnxruntime')}"],
+                **common,
             )
-        # Requirements given, not inferred: MLflow would otherwise import the model in a subprocess to guess them.
-        # "pickle" is MLflow's name for its non-pt2 format; a ScriptModule is written with torch.jit.save (no pickle).
-        return mlflow.pytorch.log_model(
-            torch.jit.load(str(file)), pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            serialization_format="pickle", **common
-        )
+        else:
+            # Requirements given, not inferred: MLflow would otherwise import the model in a subprocess to guess
+            # them. "pickle" is MLflow's name for its non-pt2 format; a ScriptModule is saved by torch.jit.save.
+            mlflow.pytorch.save_model(
+                torch.jit.load(str(file)), str(folder), pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                serialization_format="pickle", **common,
+            )
+        client.log_artifacts(run_id, str(folder), artifact_path)
+    return f"runs:/{run_id}/{artifact_path}"
 
 
 @contextmanager
@@ -232,12 +243,12 @@ def register(
             export(str(path), formats=[format], out_dir=tmp)
             run_id = _mlflow_run(client, run_dir, metrics)
             file = Path(tmp) / ("model.onnx" if format == "onnx" else "model.pt")
-            info = _log_model(file, format, list(module.class_names), metadata, run_id)
+            source = _log_model(client, file, format, list(module.class_names), metadata, run_id)
         if not existed:
             client.create_registered_model(name, description="MNIST digit classifier (mnist-dlops)")
         tags = {"run_dir": str(run_dir), "checkpoint": str(path), "format": format,
                 "data_fingerprint": fingerprint or "", **{k: f"{v:.6g}" for k, v in metrics.items()}}
-        version = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags).version
+        version = client.create_model_version(name, source, run_id=run_id, tags=tags).version
         if alias:
             client.set_registered_model_alias(name, alias, version)
     except _store_errors() as err:

@@ -185,3 +185,17 @@ PHOTOS = {
     "uneven": dict(paper=180, size=80, frame=(300, 400), offset=(100, 250), noise=6, gradient=30),
     "small": dict(paper=210, size=40, frame=(500, 500), offset=(400, 20), noise=4),
 }
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_environment():
+    """Each test leaves the process environment as it found it; MLflow's process-wide tracking URI (which
+    ``mlflow.set_tracking_uri`` also writes into the environment) is reset after a test that set it."""
+    before = dict(os.environ)
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+    os.environ.clear()
+    os.environ.update(before)

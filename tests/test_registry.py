@@ -37,7 +37,8 @@ def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mnist_dir: Path) -> Pat
 
 
 def store(lab: Path) -> MlflowClient:
-    return MlflowClient(f"sqlite:///{lab}/lightning_logs/mlflow.db")
+    uri = f"sqlite:///{lab}/lightning_logs/mlflow.db"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def mnist_test_images(mnist_dir: Path, n: int = 64) -> np.ndarray:
@@ -201,7 +202,7 @@ def test_runs_and_registry_on_a_postgresql_server(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     cli_main(["fit", *FIT, "--data.data_dir", str(mnist_dir)])
     assert register(name="mnist-digits", alias="production") == 1
-    client = MlflowClient(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     version = client.get_model_version_by_alias("mnist-digits", "production")
     run = client.get_run(version.run_id)
     assert run.info.run_name == "version_0" and "val/acc" in run.data.metrics

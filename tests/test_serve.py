@@ -113,11 +113,12 @@ def server(lab: Path) -> str:
             pytest.fail("the server did not become healthy within two minutes")
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)  # the server and its worker processes
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)  # the server and its worker processes
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
         log.close()
 
 
@@ -312,7 +313,7 @@ def test_a_strangers_registered_model_never_runs_code(lab: Path, tmp_path: Path)
     (local / "data/model.pth").write_bytes(pickle.dumps(_Payload(marker)))
     with mlflow.start_run() as run:  # the tampered folder, as a stranger would log it
         mlflow.log_artifacts(str(local), "model")
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.create_registered_model("evil")
     client.create_model_version("evil", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)  # version 1
     # 2. A python_function model: cloudpickled Python.

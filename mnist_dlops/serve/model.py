@@ -137,14 +137,17 @@ def from_registry(uri: str, runs_dir: str = "lightning_logs", tracking_uri: Opti
         raise ConfigError(f"model={uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
     location = store_uri(Path(runs_dir), tracking_uri)
     with store(f"model={uri}"):
-        client = mlflow.MlflowClient(location)
+        client = mlflow.MlflowClient(tracking_uri=location, registry_uri=location)
         try:
             version = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, number)
         except MlflowException:
             raise ConfigError(f"model={uri}: no such registered model version in {location}") from None
         target = Path(cache_dir or tempfile.mkdtemp(prefix="mnist-dlops-serve-"))
-        folder = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version.version}", dst_path=str(target), tracking_uri=location))
+        # Downloaded from where the version's files are, by the registry's own answer: MLflow's models:/ download
+        # would look the name up in the process-wide registry, not this one.
+        source = client.get_model_version_download_uri(name, version.version)
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target),
+                                                          tracking_uri=location))
     # The files land in the folder, or in a sub-folder named after the version's source path: find its MLmodel.
     descriptor = next(iter(sorted(folder.rglob("MLmodel"), key=lambda p: len(p.parts))), None)
     if descriptor is None:

@@ -50,6 +50,12 @@ def store_uri(runs_dir: Path, tracking_uri: Optional[str] = None) -> str:
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir.resolve() / 'mlflow.db'}"
 
 
+def artifact_root(runs_dir: Path, uri: str) -> Optional[str]:
+    """Where a new experiment keeps its artifacts: beside a local database; a server's or PostgreSQL's own default
+    otherwise."""
+    return (runs_dir.resolve() / "mlflow-artifacts").as_uri() if uri.startswith("sqlite:") else None
+
+
 def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     for key, value in params.items():
@@ -94,7 +100,7 @@ class MLflowLogger(LightningMLFlowLogger, Tracker):
                 run_name=run_name or self.run_dir.name,
                 tracking_uri=uri,
                 # Used only when the experiment is created: its artifacts' root, beside the database when local.
-                artifact_location=(runs_dir / "mlflow-artifacts").as_uri() if uri.startswith("sqlite:") else None,
+                artifact_location=artifact_root(runs_dir, uri),
                 run_id=id_file.read_text().strip() if id_file.is_file() else None,
                 log_model=False,  # checkpoints are logged once, at the end (below), not at every save
                 synchronous=synchronous,

@@ -1,0 +1,29 @@
+"""A callback for the benchmarks: seconds from process start to the first training step, and RSS at epoch ends.
+
+Used as ``MNIST_DLOPS_TRUST=probe PYTHONPATH=benchmarks python cli.py fit --trainer.callbacks+ probe.Probe``;
+it prints ``first_step_s=<s>`` once and ``rss_mb=<MB>`` after each training epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psutil
+import pytorch_lightning as pl
+import time
+
+
+class Probe(pl.Callback):
+    """Prints the start-up time (process start to the first training batch) and the resident memory per epoch."""
+
+    def __init__(self) -> None:
+        self.process = psutil.Process()
+        self.seen_first = False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self.seen_first:
+            self.seen_first = True
+            print(f"first_step_s={time.time() - self.process.create_time():.3f}", flush=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        print(f"rss_mb={self.process.memory_info().rss / 2**20:.1f}", flush=True)
