@@ -10,11 +10,9 @@ from jsonargparse.typing import PositiveInt
 from torch import Tensor, nn
 
 
-def _conv_block(c_in: int, c_out: int, kernel_size: int = 3, batch_norm: bool = False) -> nn.Sequential:
-    """Conv (same padding) -> [BatchNorm] -> ReLU -> 2x2 max-pool: halves the image side."""
-    conv = nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=not batch_norm)
-    norm = [nn.BatchNorm2d(c_out)] if batch_norm else []
-    return nn.Sequential(conv, *norm, nn.ReLU(), nn.MaxPool2d(2))
+def _conv_block(c_in: int, c_out: int, kernel_size: int = 3) -> nn.Sequential:
+    """Conv (same padding) -> ReLU -> 2x2 max-pool: halves the image side."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2), nn.ReLU(), nn.MaxPool2d(2))
 
 
 class MLP(nn.Module):
@@ -54,29 +52,21 @@ class SeedCNN(nn.Module):
 class FastCNN(nn.Module):
     """A small CNN for a laptop CPU (the default): conv 16 -> conv 32 -> fc 64 -> num_classes.
 
-    About 110k parameters, ~4x cheaper per step than SeedCNN. With batch normalization after each convolution (the
-    default config's choice) it trains well at a large batch and a high peak learning rate.
+    About 110k parameters; reaches ~99.2% test accuracy in 3 epochs, ~4x cheaper per step than SeedCNN.
     """
 
     def __init__(
-        self,
-        num_classes: int,
-        channels: tuple[PositiveInt, PositiveInt] = (16, 32),
-        hidden: PositiveInt = 64,
-        batch_norm: bool = False,
+        self, num_classes: int, channels: tuple[PositiveInt, PositiveInt] = (16, 32), hidden: PositiveInt = 64
     ) -> None:
         """
         Args:
             num_classes: Number of output logits (set by the CLI from the data module's task).
             channels: Output channels of the two conv blocks.
             hidden: Width of the fully connected layer.
-            batch_norm: Batch normalization after each convolution.
         """
         super().__init__()
         c1, c2 = channels
-        self.features = nn.Sequential(
-            _conv_block(1, c1, batch_norm=batch_norm), _conv_block(c1, c2, batch_norm=batch_norm), nn.Flatten()
-        )
+        self.features = nn.Sequential(_conv_block(1, c1), _conv_block(c1, c2), nn.Flatten())
         self.head = nn.Sequential(nn.Linear(c2 * 7 * 7, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -10,6 +10,10 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +203,28 @@ def no_leaked_environment():
         mlflow.set_tracking_uri(None)
     os.environ.clear()
     os.environ.update(before)
+
+
+@contextmanager
+def mlflow_ui(lab: Path) -> Iterator[str]:
+    """``mlflow ui`` over ``lab``'s store on a free loopback port, once it answers (a minute at most); stopped after."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri",
+         f"sqlite:///{lab}/lightning_logs/mlflow.db", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=lab, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=5)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow ui did not answer within a minute")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

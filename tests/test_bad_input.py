@@ -243,6 +243,7 @@ def test_nan_loss_stops_within_a_step_and_saves_nothing(tmp_path: Path, tiny_idx
     assert not (tmp_path / "lightning_logs/version_0/checkpoints").exists()
 
 
+@pytest.mark.slow  # a long real run or a server: in `pytest -m slow` and CI, to keep the default run short
 def test_disk_full_names_the_checkpoint_and_keeps_the_previous_one(tmp_path: Path, tiny_idx: Path) -> None:
     # No diagnostics: their images would fill the small disk before the checkpoint does.
     first = run_cli("fit", "--data.data_dir", str(tiny_idx), *TINY, "--model.lr_scheduler", "null",

@@ -71,6 +71,7 @@ def test_roc_auc_is_torchmetrics_auroc_and_matches_the_drawn_curve() -> None:
     assert pr.name == "a" and 0 < pr.area <= 1
 
 
+@pytest.mark.slow  # a long real run or a server: in `pytest -m slow` and CI, to keep the default run short
 def test_every_tracker_holds_the_plots_after_fit_and_test(tmp_path: Path, mnist_dir: Path) -> None:
     fit = cli_in_process("fit", "-c", str(REPO / "configs/all_trackers.yaml"), "-c", DEBUG, "--data.data_dir", str(mnist_dir),
                   cwd=tmp_path)

@@ -80,6 +80,7 @@ def test_next_mirror_is_tried_after_a_bad_one(tmp_path: Path, corrupted_mirror: 
     assert md5sum(dest / "t10k-labels-idx1-ubyte.gz") == MD5["t10k-labels-idx1-ubyte.gz"]
 
 
+@pytest.mark.slow  # a long real run or a server: in `pytest -m slow` and CI, to keep the default run short
 def test_cli_downloads_on_first_run(tmp_path: Path, mnist_dir: Path) -> None:
     with serve(mnist_dir) as url:
         result = run_cli(

@@ -3,6 +3,8 @@ counts once in the epoch's train metrics, and the default progress bar gives way
 
 from __future__ import annotations
 
+import pytest
+
 from pathlib import Path
 
 import torch
@@ -38,6 +40,7 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow  # a long real run or a server: in `pytest -m slow` and CI, to keep the default run short
 def test_gradient_clipping_and_accumulation_are_lightnings(tmp_path: Path, tiny_idx: Path) -> None:
     """Lightning's own loop clips and accumulates: a clip that never binds changes nothing, bit for bit."""
     plain = fit(tmp_path, tiny_idx, "plain")
@@ -78,6 +81,7 @@ def test_train_metrics_count_every_image_once(tmp_path: Path, tiny_idx: Path) ->
     assert 0.0 < expected < 1.0  # an untrained network on generated digits: some right, some wrong
 
 
+@pytest.mark.slow  # a long real run or a server: in `pytest -m slow` and CI, to keep the default run short
 def test_a_named_progress_bar_replaces_the_default(tmp_path: Path, tiny_idx: Path) -> None:
     """Ours is the default bar; naming Lightning's TQDM bar is no conflict (``enable_progress_bar: false`` is used by
     most other tests)."""

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, free_port, make_idx_set
+from conftest import REPO, make_idx_set, mlflow_ui
 
 from mnist_dlops.cli import cli_main
 
@@ -62,6 +61,7 @@ def test_a_run_and_its_evaluation_in_mlflow(lab: Path) -> None:
     assert [m.step for m in mlflow.get_metric_history(run.info.run_id, "test/acc")] == [step]
 
 
+@pytest.mark.slow  # a long real run or a server: in `pytest -m slow` and CI, to keep the default run short
 def test_a_long_config_value_is_cut_not_refused(lab: Path) -> None:
     note = "x" * 7000  # over MLflow's 6000-character limit for a param value
     cli_main(["fit", *TINY, "--run.note", note])
@@ -84,31 +84,15 @@ def test_two_runs_started_at_once_both_land(lab: Path) -> None:
 def test_mlflow_ui_serves_the_runs(lab: Path) -> None:
     """``mlflow ui`` on loopback answers its REST API with the run; the server is stopped after a bounded wait."""
     cli_main(["fit", *TINY])
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri",
-         f"sqlite:///{lab}/lightning_logs/mlflow.db", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=lab, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
+    with mlflow_ui(lab) as url:
         body = json.dumps({"max_results": 10}).encode()
-        for _ in range(120):  # up to a minute for the server to come up
-            try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
-                                                 data=body, headers={"Content-Type": "application/json"})
-                experiments = json.load(urllib.request.urlopen(request, timeout=5))["experiments"]
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow ui did not answer within a minute")
+        request = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search", data=body,
+                                         headers={"Content-Type": "application/json"})
+        experiments = json.load(urllib.request.urlopen(request, timeout=10))["experiments"]
         (experiment,) = [e for e in experiments if e["name"] == "mnist-dlops"]
         request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search",
+            f"{url}/api/2.0/mlflow/runs/search",
             data=json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode(),
             headers={"Content-Type": "application/json"})
         runs = json.load(urllib.request.urlopen(request, timeout=10))["runs"]
-        assert [r["info"]["run_name"] for r in runs] == ["version_0"]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    assert [r["info"]["run_name"] for r in runs] == ["version_0"]

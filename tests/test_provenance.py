@@ -113,6 +113,7 @@ def test_provenance_records_the_git_commit_dirty_diff_and_environment(tmp_path: 
     assert provenance(work, 2)["code"]["commit"] == "no git"
 
 
+@pytest.mark.slow  # a long real run or a server: in `pytest -m slow` and CI, to keep the default run short
 def test_every_tracker_holds_the_provenance_and_hardware_use(tmp_path: Path, tiny_idx: Path) -> None:
     result = run(REPO / "cli.py", "fit", "-c", str(REPO / "configs/all_trackers.yaml"), "--data.data_dir", str(tiny_idx),
                  *TINY, "--trainer.log_every_n_steps", "1", "--run.tags", "[nightly]", "--run.note", "tiny data", cwd=tmp_path)

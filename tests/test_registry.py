@@ -7,7 +7,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import REPO, free_port
+from conftest import REPO, mlflow_ui
 from mnist_dlops.cli import cli_main
 from mnist_dlops.export import rebuild
 from mnist_dlops.registry import main, register, versions
@@ -153,6 +152,7 @@ def test_bad_input_is_one_line_and_registers_nothing(lab: Path, capsys: pytest.C
     assert count_versions(lab) == 1 and [m.name for m in store(lab).search_registered_models()] == ["mnist-digits"]
 
 
+@pytest.mark.slow  # a long real run or a server: in `pytest -m slow` and CI, to keep the default run short
 def test_a_locked_database_is_one_line_and_leaves_nothing(lab: Path, capsys: pytest.CaptureFixture) -> None:
     db = lab / "lightning_logs/mlflow.db"
     holder = sqlite3.connect(db, isolation_level=None, timeout=1)
@@ -169,28 +169,11 @@ def test_a_locked_database_is_one_line_and_leaves_nothing(lab: Path, capsys: pyt
 @pytest.mark.slow  # a second process and a server: in `pytest -m slow` and CI
 def test_mlflow_ui_lists_the_registered_model(lab: Path) -> None:
     register(name="mnist-digits", alias="production")
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri",
-         f"sqlite:///{lab}/lightning_logs/mlflow.db", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=lab, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/registered-models/search?max_results=10"
-        for _ in range(120):  # up to a minute for the server to come up
-            try:
-                models = json.load(urllib.request.urlopen(url, timeout=5))["registered_models"]
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow ui did not answer within a minute")
-        (model,) = models
-        assert model["name"] == "mnist-digits" and model["aliases"] == [{"alias": "production", "version": "1"}]
-        assert model["latest_versions"][0]["run_id"] == (lab / "lightning_logs/version_0/.mlflow_run_id").read_text()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with mlflow_ui(lab) as url:
+        answer = urllib.request.urlopen(f"{url}/api/2.0/mlflow/registered-models/search?max_results=10", timeout=10)
+        (model,) = json.load(answer)["registered_models"]
+    assert model["name"] == "mnist-digits" and model["aliases"] == [{"alias": "production", "version": "1"}]
+    assert model["latest_versions"][0]["run_id"] == (lab / "lightning_logs/version_0/.mlflow_run_id").read_text()
 
 
 @pytest.mark.slow  # a PostgreSQL server: in `pytest -m slow` and CI

@@ -122,6 +122,7 @@ def server(lab: Path) -> str:
         log.close()
 
 
+@pytest.mark.slow  # a long real run or a server: in `pytest -m slow` and CI, to keep the default run short
 def test_http_predictions_equal_cli_predict(lab: Path, server: str, mnist_dir: Path) -> None:
     """The same PNGs (MNIST digits as photos on every kind of paper, and as plain 28x28 files) through
     ``cli.py predict`` and through the server: the same classes and probabilities; raw and multipart uploads."""
@@ -163,6 +164,7 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow  # a long real run or a server: in `pytest -m slow` and CI, to keep the default run short
 def test_a_json_batch_and_the_metadata(lab: Path, server: str, mnist_dir: Path) -> None:
     images, labels = mnist_test(mnist_dir, 8)
     status, answer = post(f"{server}/predict", json.dumps({"images": images.tolist()}).encode(), "application/json")
@@ -186,6 +188,7 @@ def _bomb() -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow  # a long real run or a server: in `pytest -m slow` and CI, to keep the default run short
 def test_bad_input_is_a_4xx_and_the_server_keeps_serving(server: str, mnist_dir: Path) -> None:
     good = _png(mnist_test(mnist_dir, 1)[0][0])
     cases = {
@@ -216,6 +219,7 @@ def test_bad_input_is_a_4xx_and_the_server_keeps_serving(server: str, mnist_dir:
     assert statuses == [code for _, _, code in mixed]
 
 
+@pytest.mark.slow  # a long real run or a server: in `pytest -m slow` and CI, to keep the default run short
 def test_the_page_in_chromium_reads_a_drawn_seven(lab: Path, server: str, mnist_dir: Path) -> None:
     """Headless Chromium draws MNIST's first test digit (a 7) on the canvas, stroke by stroke along its pixels, and
     reads the model's answer, the 28x28 image and ten probability bars off the page; a screenshot is kept."""

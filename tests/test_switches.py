@@ -66,6 +66,7 @@ def test_trainer_switch(lab: Path, switch: str, capsys: pytest.CaptureFixture) -
     assert out.strip().splitlines()[-1].startswith("run: "), out  # every fit names its run last
 
 
+@pytest.mark.slow  # a long real run or a server: in `pytest -m slow` and CI, to keep the default run short
 def test_a_short_logger_name(lab: Path) -> None:
     """``--trainer.logger=CSVLogger`` as Lightning's docs write it, in a fresh process (in this one, our CSVLogger
     has been imported by other tests, and the short name would be ambiguous, as jsonargparse says)."""

@@ -110,6 +110,7 @@ def test_neptune_offline_run_holds_parameters_metrics_and_checkpoints(tmp_path: 
     assert tags == ["mnist"]
 
 
+@pytest.mark.slow  # a long real run or a server: in `pytest -m slow` and CI, to keep the default run short
 def test_all_trackers_share_one_run_and_test_lands_in_it(tmp_path: Path, mnist_dir: Path) -> None:
     run = _fit(tmp_path, mnist_dir, "all_trackers.yaml")
     rows_after_fit = len(pd.read_csv(run / "metrics.csv"))
