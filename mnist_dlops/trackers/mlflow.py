@@ -77,7 +77,6 @@ class MLflowLogger(LightningMLFlowLogger, Tracker):
         save_dir: Optional[str] = None,
         run_name: Optional[str] = None,
         log_checkpoints: bool = True,
-        synchronous: bool = False,
     ) -> None:
         """
         Args:
@@ -87,8 +86,6 @@ class MLflowLogger(LightningMLFlowLogger, Tracker):
             save_dir: This run's directory (null: set by the CLI; ``lightning_logs`` outside it).
             run_name: Display name of the MLflow run (default: the run folder's name).
             log_checkpoints: Log the best and the last checkpoint as artifacts when the stage ends.
-            synchronous: Wait for every metric write; by default they are queued and written by MLflow's own
-                thread (and flushed when the stage ends), off the training loop.
         """
         self.run_dir = Path(save_dir) if save_dir is not None else Path("lightning_logs")
         runs_dir = self.run_dir.resolve().parent if save_dir is not None else self.run_dir.resolve()
@@ -103,7 +100,6 @@ class MLflowLogger(LightningMLFlowLogger, Tracker):
                 artifact_location=artifact_root(runs_dir, uri),
                 run_id=id_file.read_text().strip() if id_file.is_file() else None,
                 log_model=False,  # checkpoints are logged once, at the end (below), not at every save
-                synchronous=synchronous,
             )
             # The experiment and run are created now, under the lock: two runs starting at once would both try.
             run_id = self.run_id
@@ -167,7 +163,4 @@ class MLflowLogger(LightningMLFlowLogger, Tracker):
         for record in sorted(self.run_dir.glob("provenance*.yaml")) + sorted(self.run_dir.glob("config*.yaml")):
             self.experiment.log_artifact(self.run_id, str(record), "run")
         self._checkpoint_callback = None  # Lightning's finalize would log every checkpoint again
-        import mlflow
-
-        mlflow.flush_async_logging()  # every queued metric is in the store before the run is marked ended
         super().finalize(status)
