@@ -122,3 +122,14 @@ def environment() -> dict[str, Any]:
             "os": platform.platform(),
         },
     }
+
+
+def run_fingerprint(run_dir: Path) -> Optional[str]:
+    """The data fingerprint a training run recorded in its ``provenance.yaml``; None if it has no readable record."""
+    import yaml
+
+    try:
+        record = yaml.safe_load((run_dir / "provenance.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return ((record or {}).get("data") or {}).get("fingerprint") if isinstance(record, dict) else None

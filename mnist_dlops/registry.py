@@ -26,9 +26,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from mnist_dlops.errors import CheckpointError, ConfigError, UserError
+from mnist_dlops.errors import ConfigError, UserError
 from mnist_dlops.export import export, rebuild, sample_images
-from mnist_dlops.restore import resolve_ckpt
+from mnist_dlops.restore import resolve_ckpt, run_checkpoint
 from mnist_dlops.trackers.mlflow import RUN_ID_FILE, artifact_root, store_uri
 
 Format = Literal["torchscript", "onnx"]
@@ -104,15 +104,15 @@ def sweep_best(study: str, runs_dir: str, storage: Optional[str] = None) -> Path
 
 def _run_record(run_dir: Path) -> tuple[Optional[str], dict[str, float]]:
     """The training run's data fingerprint and its last validation and test metrics (from its own records)."""
-    from mnist_dlops.runs import _read_yaml, run_row
+    from mnist_dlops.provenance import run_fingerprint
+    from mnist_dlops.runs import run_row
 
     try:
         row = run_row(run_dir)
-        fingerprint = (_read_yaml(run_dir / "provenance.yaml").get("data") or {}).get("fingerprint")
     except (OSError, ValueError):  # a checkpoint copied out of its run: no records beside it
         return None, {}
     metrics = {k: float(v) for k, v in row.items() if k.startswith(("val/", "test/")) and v == v and v is not None}
-    return fingerprint, metrics
+    return run_fingerprint(run_dir), metrics
 
 
 def _mlflow_run(client: Any, run_dir: Path, metrics: dict[str, float]) -> str:
@@ -224,7 +224,7 @@ def register(
     if sweep:
         run = sweep_best(sweep, runs_dir, sweep_storage)
         print(f"sweep {sweep}: the best trial's run is {run}")
-        path = _best_in(run)
+        path = run_checkpoint(run, best=True)
     else:
         path = resolve_ckpt(ckpt_path, Path(runs_dir))
     path = path.resolve()  # recorded in the registry: absolute, so that it means the same from anywhere
@@ -260,15 +260,6 @@ def register(
     print(f"registered {name} version {version}{f' as @{alias}' if alias else ''} from {path}"
           f"  (load: mlflow.pyfunc.load_model('models:/{name}/{version}'))")
     return int(version)
-
-
-def _best_in(run_dir: Path) -> Path:
-    from mnist_dlops.restore import best_of
-
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        raise CheckpointError(f"{run_dir}: has no checkpoints/last.ckpt")
-    return best_of(last)
 
 
 def _take_back(client: Any, name: str, version: Optional[str], existed: bool) -> None:

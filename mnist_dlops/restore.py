@@ -59,10 +59,15 @@ def resolve_ckpt(value: str, runs_dir: Path) -> Path:
         run = Path(value)
     else:
         return Path(value)
+    return run_checkpoint(run, best=value == "best")
+
+
+def run_checkpoint(run: Path, best: bool = False) -> Path:
+    """A run folder's ``last.ckpt``, or the best checkpoint it records."""
     last = run / "checkpoints" / "last.ckpt"
     if not last.is_file():
         raise CheckpointError(f"{run}: nothing to resume or evaluate, it has no checkpoints/last.ckpt yet")
-    return best_of(last) if value == "best" else last
+    return best_of(last) if best else last
 
 
 def checkpoint_config(checkpoint: dict[str, Any], subcommand: str, path: Path) -> dict[str, Any]:

@@ -92,16 +92,14 @@ def is_torchscript(path: Path) -> bool:
 def from_checkpoint(ckpt_path: str, runs_dir: str = "lightning_logs") -> ServedModel:
     """A checkpoint (``best``/``last``, a run folder, or a file), checked as every entry point checks one."""
     from mnist_dlops.export import rebuild
+    from mnist_dlops.provenance import run_fingerprint
     from mnist_dlops.restore import resolve_ckpt
 
     path = resolve_ckpt(ckpt_path, Path(runs_dir)).resolve()
     module = rebuild(path)  # fails here, in the parent, rather than in every worker
     run_dir = path.parent.parent
-    fingerprint = None
-    provenance = run_dir / "provenance.yaml"
-    if provenance.is_file():
-        fingerprint = ((yaml.safe_load(provenance.read_text()) or {}).get("data") or {}).get("fingerprint")
-    return ServedModel(path, "checkpoint", list(module.class_names), run_dir.name, None, fingerprint, str(path))
+    return ServedModel(path, "checkpoint", list(module.class_names), run_dir.name, None, run_fingerprint(run_dir),
+                       str(path))
 
 
 def from_export(path: str) -> ServedModel:
