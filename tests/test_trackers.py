@@ -70,6 +70,11 @@ def test_tensorboard_holds_metrics_and_the_full_config(tmp_path: Path, mnist_dir
     hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
     assert hparams["data/task"].string_value == "multiclass"
     assert hparams["model/network/class_path"].string_value == "mnist_dlops.networks.FastCNN"
+    # The HParams tab compares runs by their real metrics, not Lightning's placeholder hp_metric = -1.
+    experiment = acc.PluginTagToContent("hparams")["_hparams_/experiment"]
+    columns = [m.name.tag for m in plugin_data_pb2.HParamsPluginData.FromString(experiment).experiment.metric_infos]
+    assert {"val/acc", "val/loss", "test/acc"} <= set(columns)
+    assert "hp_metric" not in columns and "hp_metric" not in read_scalars(run)
 
 
 def test_csv_reads_with_pandas_and_keeps_hparams(tmp_path: Path, mnist_dir: Path) -> None:
