@@ -1,16 +1,19 @@
 """A callback for the benchmarks: seconds from process start to the first training step, and RSS at epoch ends.
 
 Used as ``MNIST_DLOPS_TRUST=probe PYTHONPATH=benchmarks python cli.py fit --trainer.callbacks+ probe.Probe``;
-it prints ``first_step_s=<s>`` once and ``rss_mb=<MB>`` after each training epoch.
+it prints ``first_step_s=<s>`` once, ``rss_mb=<MB>`` after each training epoch and ``peak_rss_mb=<MB>`` (the
+process's high-water mark) when training ends.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import resource
+import time
+
 import psutil
 import pytorch_lightning as pl
-import time
 
 
 class Probe(pl.Callback):
@@ -27,3 +30,7 @@ class Probe(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         print(f"rss_mb={self.process.memory_info().rss / 2**20:.1f}", flush=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+        print(f"peak_rss_mb={peak_kb / 1024:.1f}", flush=True)

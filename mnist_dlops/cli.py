@@ -31,6 +31,10 @@ from mnist_dlops.rundir import claim_run_dir, place_in_run, run_dir_of, unplace
 from mnist_dlops.errors import UserError
 from mnist_dlops.trust import check_classes, gate_args, import_gate
 
+# lr is the peak of the default one-cycle schedule. Adam's fused kernel: one pass over each parameter instead of a
+# dozen element-wise ops (CPU and GPU).
+DEFAULT_OPTIMIZER = {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01, "fused": True}}
+
 # Lightning's DDP launcher re-runs this script once per extra process; they inherit the run directory through it.
 RUN_DIR_ENV = "MNIST_DLOPS_RUN_DIR"
 
@@ -99,10 +103,8 @@ class MNISTCLI(LightningCLI):
                 # Metric names hold a '/', which Lightning would turn into a sub-folder: name the parts by hand.
                 "checkpoint.filename": "epoch{epoch:02d}-val_loss{val/loss:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
-                "trainer.max_epochs": 3,
-                # lr is the peak of the default one-cycle schedule. Adam's fused kernel: one pass over each parameter
-                # instead of a dozen element-wise ops (CPU and GPU).
-                "model.optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01, "fused": True}},
+                "trainer.max_epochs": 2,
+                "model.optimizer": DEFAULT_OPTIMIZER,
                 # Confusion matrix, ROC/PR curves and a gallery of mistakes for every tracker, and hardware utilization
                 # (CPU, memory; GPU when present) logged like any metric. Replaced by a config's
                 # own `trainer.callbacks` list (use `callbacks+:` to add to it instead).

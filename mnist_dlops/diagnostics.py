@@ -16,6 +16,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from PIL import Image
 from pytorch_lightning import Callback
 from torch import Tensor
 from torchmetrics.functional.classification import (
@@ -165,8 +166,9 @@ class Diagnostics(Callback):
         folder.mkdir(parents=True, exist_ok=True)
         prefix = f"epoch{trainer.current_epoch:02d}-" if stage == "val" else ""
         for name, fig in figures.items():
-            fig.savefig(free_name(folder, f"{prefix}{name}", ".png"), dpi=100)
+            # Drawn once: the trackers and the PNG file get the same pixels (a savefig would draw it all again).
             image = to_rgb(fig)
+            Image.fromarray(image).save(free_name(folder, f"{prefix}{name}", ".png"))
             for tracker in tracker_keys(trainer.loggers).values():
                 tracker.log_image(key=f"{stage}/{name}", images=[image], step=step)
         for tracker in tracker_keys(trainer.loggers).values():

@@ -2,17 +2,37 @@
 
 Each takes ``num_classes`` as its first argument; the CLI fills it from the data module's task, so a config names
 the network and its own sizes only (``model.network.class_path`` + ``init_args``), never the output size.
+
+The CNNs keep their weights and activations channels-last (NHWC): on a CPU, oneDNN's convolutions and max-pooling
+run faster in that layout (``benchmarks/networks.py`` measures it). Weights load, save and export as usual.
 """
 
 from __future__ import annotations
 
+import torch
 from jsonargparse.typing import PositiveInt
 from torch import Tensor, nn
 
 
-def _conv_block(c_in: int, c_out: int, kernel_size: int = 3) -> nn.Sequential:
-    """Conv (same padding) -> ReLU -> 2x2 max-pool: halves the image side."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2), nn.ReLU(), nn.MaxPool2d(2))
+def _conv_block(c_in: int, c_out: int, batch_norm: bool = False) -> nn.Sequential:
+    """3x3 conv (same padding) [-> BatchNorm] -> 2x2 max-pool -> ReLU: halves the image side.
+
+    Pooling before the ReLU gives the same output as after it (both are monotonic), with the ReLU and its gradient
+    on a quarter of the values.
+    """
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=not batch_norm)  # BatchNorm's shift makes a bias redundant
+    norm = [nn.BatchNorm2d(c_out)] if batch_norm else []
+    return nn.Sequential(conv, *norm, nn.MaxPool2d(2), nn.ReLU())
+
+
+class _ChannelsLast(nn.Module):
+    """A network whose weights and inputs are channels-last (see the module's docstring)."""
+
+    def _channels_last(self) -> None:
+        self.to(memory_format=torch.channels_last)
+
+    def _features(self, x: Tensor) -> Tensor:
+        return self.features(x.contiguous(memory_format=torch.channels_last))
 
 
 class MLP(nn.Module):
@@ -31,7 +51,7 @@ class MLP(nn.Module):
         return self.layers(x)
 
 
-class SeedCNN(nn.Module):
+class SeedCNN(_ChannelsLast):
     """The seeds' CNN: conv 64 -> conv 128 (each 3x3, ReLU, 2x2 max-pool) -> linear."""
 
     def __init__(self, num_classes: int, channels: tuple[PositiveInt, PositiveInt] = (64, 128)) -> None:
@@ -44,30 +64,37 @@ class SeedCNN(nn.Module):
         c1, c2 = channels
         self.features = nn.Sequential(_conv_block(1, c1), _conv_block(c1, c2), nn.Flatten())
         self.head = nn.Linear(c2 * 7 * 7, num_classes)
+        self._channels_last()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
+        return self.head(self._features(x))
 
 
-class FastCNN(nn.Module):
-    """A small CNN for a laptop CPU (the default): conv 16 -> conv 32 -> fc 64 -> num_classes.
+class FastCNN(_ChannelsLast):
+    """A small CNN for a laptop CPU (the default): conv 16 -> conv 32 (each with BatchNorm) -> fc 128 -> num_classes.
 
-    About 110k parameters; reaches ~99.2% test accuracy in 3 epochs, ~4x cheaper per step than SeedCNN.
+    About 207k parameters; BatchNorm lets it train at a high learning rate, to ~99% in two epochs.
     """
 
     def __init__(
-        self, num_classes: int, channels: tuple[PositiveInt, PositiveInt] = (16, 32), hidden: PositiveInt = 64
+        self,
+        num_classes: int,
+        channels: tuple[PositiveInt, PositiveInt] = (16, 32),
+        hidden: PositiveInt = 128,
+        batch_norm: bool = True,
     ) -> None:
         """
         Args:
             num_classes: Number of output logits (set by the CLI from the data module's task).
             channels: Output channels of the two conv blocks.
             hidden: Width of the fully connected layer.
+            batch_norm: Normalize each conv's output over the batch; false builds the network of earlier runs, without it.
         """
         super().__init__()
         c1, c2 = channels
-        self.features = nn.Sequential(_conv_block(1, c1), _conv_block(c1, c2), nn.Flatten())
+        self.features = nn.Sequential(_conv_block(1, c1, batch_norm), _conv_block(c1, c2, batch_norm), nn.Flatten())
         self.head = nn.Sequential(nn.Linear(c2 * 7 * 7, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        self._channels_last()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
+        return self.head(self._features(x))
