@@ -61,10 +61,15 @@ DEFAULT_LR = DEFAULT_OPTIMIZER["init_args"]["lr"]
 NETWORKS = {"mlp": ("mnist_dlops.networks.MLP", MLP), "cnn": ("mnist_dlops.networks.FastCNN", FastCNN)}
 
 
-def raw_loop(network: str, images: torch.Tensor, labels: torch.Tensor, batch_size: int, steps: int) -> float:
-    """Samples/s of the plainest training loop over resident tensors, with the default's optimizer and schedule."""
+def raw_loop(
+    network: str, images: torch.Tensor, labels: torch.Tensor, batch_size: int, steps: int, contiguous: bool = False
+) -> float:
+    """Samples/s of the plainest training loop over resident tensors, with the default's optimizer and schedule;
+    ``contiguous``: the network's weights in the default NCHW layout instead of its own channels-last."""
     torch.manual_seed(0)
     model = NETWORKS[network][1](10)
+    if contiguous:
+        model = model.to(memory_format=torch.contiguous_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=DEFAULT_LR, fused=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=DEFAULT_LR, total_steps=steps, pct_start=0.25,
                                                    cycle_momentum=False)
@@ -75,7 +80,8 @@ def raw_loop(network: str, images: torch.Tensor, labels: torch.Tensor, batch_siz
             start = time.perf_counter()
         idx = order[(step * batch_size) % (len(labels) - batch_size) :][:batch_size]
         x = (images[idx].float() / 255.0 - MNIST_MEAN) / MNIST_STD
-        loss = F.cross_entropy(model(x), labels[idx])
+        logits = model.head(model.features(x)) if contiguous else model(x)  # forward() would make x channels-last
+        loss = F.cross_entropy(logits, labels[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -214,11 +220,14 @@ def main() -> None:
             files.append(path)
         seed_labels = labels[: opts.seed_images].tolist()
 
-        results: dict[str, dict[str, list[float]]] = {n: {"raw": [], "ours": [], "seed": []} for n in NETWORKS}
+        contenders = ("raw", "nchw", "ours", "seed")
+        results: dict[str, dict[str, list[float]]] = {n: {k: [] for k in contenders} for n in NETWORKS}
         for round_ in range(opts.rounds):
             for network in NETWORKS:
                 r = results[network]
                 r["raw"].append(raw_loop(network, images, labels, opts.batch_size, opts.steps))
+                if network == "cnn":  # what the CNNs' channels-last layout buys: the same loop in NCHW
+                    r["nchw"].append(raw_loop(network, images, labels, opts.batch_size, opts.steps, contiguous=True))
                 r["ours"].append(ours(network, data_dir, opts.batch_size, opts.steps, workdir))
                 if network == "mlp":
                     r["seed"].append(seed_recipe(network, files, seed_labels, opts.batch_size, workdir))
@@ -229,6 +238,8 @@ def main() -> None:
         print(f"\nsamples/s (median of {opts.rounds}, batch {opts.batch_size}, torch threads {torch.get_num_threads()})")
         for network, m in median.items():
             line = f"  {network}: raw {m['raw']:,.0f}  ours {m['ours']:,.0f}  ours/raw {m['ours'] / m['raw']:.2f}"
+            if "nchw" in m:
+                line += f"  raw NCHW {m['nchw']:,.0f} (channels-last {m['raw'] / m['nchw']:.2f}x)"
             if "seed" in m:
                 reader = "scikit-image" if IMREAD is not None else "PIL"
                 line += f"  seed ({reader}) {m['seed']:,.0f}  ours/seed {m['ours'] / m['seed']:.1f}"

@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist

@@ -4,7 +4,7 @@ Each takes ``num_classes`` as its first argument; the CLI fills it from the data
 the network and its own sizes only (``model.network.class_path`` + ``init_args``), never the output size.
 
 The CNNs keep their weights and activations channels-last (NHWC): on a CPU, oneDNN's convolutions and max-pooling
-run faster in that layout (``benchmarks/networks.py`` measures it). Weights load, save and export as usual.
+run faster in that layout (``benchmarks/throughput.py`` measures it against NCHW). Weights load, save and export as usual.
 """
 
 from __future__ import annotations
