@@ -51,7 +51,10 @@ def neptune_operations(run_dir: Path) -> list[dict]:
 
 
 def _fit(cwd: Path, mnist_dir: Path, *configs: str) -> Path:
-    args = [a for c in configs for a in ("-c", str(REPO / "configs" / c))]
+    """A debug fit with these configs (and ``--flag value`` pairs among them) in ``cwd``; its run folder."""
+    args = [a for c in configs for a in ((c,) if c.startswith("-") or not c.endswith(".yaml")
+                                          else ("-c", str(REPO / "configs" / c)))]
+    cwd.mkdir(parents=True, exist_ok=True)
     result = cli_in_process("fit", *args, "-c", DEBUG, "--data.data_dir", str(mnist_dir), cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted((cwd / "lightning_logs").iterdir())
@@ -134,6 +137,13 @@ def test_all_trackers_share_one_run_and_test_lands_in_it(tmp_path: Path, mnist_d
     assert len(wandb_runs) == 2 and len({p.name.rsplit("-", 1)[1] for p in wandb_runs}) == 1  # same W&B run id
     test_acc = [v for op in neptune_operations(run) if op["path"] == ["test", "acc"] for v in op["values"]]
     assert len(test_acc) == 1
+    # Neptune: one offline container per stage, each carrying the run's id, which groups them once synced.
+    containers = sorted((run / ".neptune" / "offline").glob("run__*"))
+    custom_id = (run / ".neptune" / "custom_run_id").read_text().strip()
+    for container in containers:
+        ops = [json.loads(line)["obj"] for f in container.glob("data-*.log") for line in f.read_text().splitlines()]
+        assert [op["value"] for op in ops if op["path"] == ["mnist_dlops", "run_id"]] == [custom_id]
+    assert len(containers) == 2
 
 
 @pytest.mark.slow  # several runs: in `pytest -m slow` and CI, to keep the default run near 10 minutes
@@ -146,6 +156,51 @@ def test_two_wandb_runs_in_a_row_with_a_bogus_key_finish_offline(tmp_path: Path,
         print(f"\nW&B run with a bogus key and no server: {time.perf_counter() - start:.1f} s wall")
         assert run.name == expected and len(list(run.glob("wandb/offline-run-*/run-*.wandb"))) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lightning_logs"]
+
+
+def test_wandb_falls_back_offline_from_a_silent_server_and_keeps_its_files_in_the_run(
+    tmp_path: Path, mnist_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that accepts the connection and never answers costs connect_timeout, not W&B's init timeout (30 s);
+    W&B's staging area (the plots' tables) and its cache are inside the run, not in the user's home."""
+    import socket
+    import threading
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("XDG_DATA_HOME", "XDG_CACHE_HOME", "WANDB_DATA_DIR", "WANDB_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    silent = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept_and_say_nothing() -> None:
+        silent.settimeout(0.2)
+        while not stop.is_set():  # bounded: ends with the test
+            try:
+                accepted.append(silent.accept()[0])
+            except TimeoutError:
+                pass
+
+    thread = threading.Thread(target=accept_and_say_nothing, daemon=True)
+    thread.start()
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")  # "configured"
+    try:
+        start = time.perf_counter()
+        run = _fit(tmp_path / "work", mnist_dir, "wandb.yaml", "--trainer.logger.init_args.connect_timeout", "2")
+        seconds = time.perf_counter() - start
+    finally:
+        stop.set()
+        thread.join()
+        silent.close()
+        for conn in accepted:
+            conn.close()
+    assert accepted, "the W&B logger never tried the server"
+    assert len(list(run.glob("wandb/offline-run-*/run-*.wandb"))) == 1
+    assert seconds < 30, f"{seconds:.1f} s: waited on the silent server beyond connect_timeout"
+    assert not list(home.rglob("*")), sorted(home.rglob("*"))[:5]  # nothing of the run in the home directory
+    assert list(run.glob("wandb/data/artifacts/staging")) or list(run.glob("wandb/cache"))
 
 
 def test_help_imports_no_tracker_client() -> None:

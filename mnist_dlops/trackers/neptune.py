@@ -131,6 +131,10 @@ class NeptuneLogger(Logger, Tracker):
                     capture_stderr=False,
                     git_ref=False,
                 )
+            # The offline client keeps the custom id to itself, and ``neptune sync`` makes a new Neptune run of each
+            # offline container (fit, a later test...): the run's id as a field is what groups them once synced.
+            self._run["mnist_dlops/run_id"] = self._custom_run_id()
+            self._run["mnist_dlops/run_dir"] = str(Path(self._save_dir).resolve())
         return self._run
 
     @rank_zero_only

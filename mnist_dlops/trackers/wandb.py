@@ -5,6 +5,8 @@ from __future__ import annotations
 import netrc
 import os
 import socket
+import ssl
+import time
 from pathlib import Path
 from typing import Any, Literal, Optional
 from urllib.parse import urlparse
@@ -32,14 +34,25 @@ def wandb_configured() -> bool:
 
 
 def server_reachable(timeout: float) -> bool:
-    """Whether a TCP connection to the W&B server opens within ``timeout`` seconds."""
+    """Whether the W&B server answers an HTTP request within ``timeout`` seconds, all told (connection, TLS, the
+    first bytes of its reply): a server that accepts the connection and then stays silent counts as unreachable."""
     url = urlparse(os.environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL))
-    port = url.port or (443 if url.scheme == "https" else 80)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    deadline = time.monotonic() + timeout
     try:
-        with socket.create_connection((url.hostname or "", port), timeout=timeout):
-            return True
-    except OSError:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            raw.settimeout(max(deadline - time.monotonic(), 0.001))
+            sock = ssl.create_default_context().wrap_socket(raw, server_hostname=host) if url.scheme == "https" else raw
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            sock.sendall(f"HEAD / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            return sock.recv(5) == b"HTTP/"
+    except (OSError, ssl.SSLError):
         return False
+
+
+# W&B's folders outside the run (its docs: WANDB_DATA_DIR stages artifacts such as the plots' tables,
+# WANDB_CACHE_DIR holds the artifact cache and wandb-core's logs), kept inside the run's wandb/ folder instead.
+RUN_LOCAL_DIRS = {"WANDB_DATA_DIR": "data", "WANDB_CACHE_DIR": "cache"}
 
 
 def previous_run_id(save_dir: str) -> Optional[str]:
@@ -75,7 +88,7 @@ class WandbLogger(LightningWandbLogger, Tracker):
             save_dir: Folder for W&B's files; null: the run's directory (the working directory outside the CLI).
             mode: ``auto`` is online when W&B is configured (API key, ``wandb login`` or ``WANDB_MODE``) and its
                 server answers within ``connect_timeout``, offline otherwise; ``online``/``offline`` force it.
-            connect_timeout: Seconds to wait for the W&B server before falling back to offline.
+            connect_timeout: Seconds to wait for the W&B server's answer before falling back to offline.
             log_model: Upload checkpoints as W&B artifacts (online only).
         """
         super().__init__(
@@ -88,6 +101,7 @@ class WandbLogger(LightningWandbLogger, Tracker):
             settings={"init_timeout": 30.0},
         )
         self._mode, self._connect_timeout = mode, connect_timeout
+        self._environ_set: list[str] = []
 
     def _resolve_mode(self) -> str:
         """The mode to start W&B in, falling back to offline (with a one-line warning) when it cannot be reached."""
@@ -104,6 +118,10 @@ class WandbLogger(LightningWandbLogger, Tracker):
     @rank_zero_experiment
     def experiment(self):
         if self._experiment is None:
+            for name, folder in RUN_LOCAL_DIRS.items():
+                if name not in os.environ:  # a user's own setting stays theirs
+                    os.environ[name] = str(Path(self._save_dir, "wandb", folder).resolve())
+                    self._environ_set.append(name)
             self._wandb_init["mode"] = self._resolve_mode()
             self._wandb_init["id"] = self._wandb_init.get("id") or previous_run_id(self._save_dir)
             if self._wandb_init["mode"] == "online":
@@ -125,6 +143,8 @@ class WandbLogger(LightningWandbLogger, Tracker):
             self._experiment.finish(exit_code=0 if status == "success" else 1)
             self._experiment = None
             wandb.teardown()  # and its process-wide settings (the files' folder among them) go with it
+        while self._environ_set:
+            os.environ.pop(self._environ_set.pop(), None)
 
     @rank_zero_only
     def log_histograms(self, tensors: dict[str, Tensor], step: Optional[int] = None) -> None:
