@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import fcntl
 import os
-import queue
-import re
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from pytorch_lightning.loggers.logger import Logger, rank_zero_experiment
+from pytorch_lightning.loggers import MLFlowLogger as LightningMLFlowLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from mnist_dlops.trackers.base import Tracker
@@ -71,25 +67,8 @@ def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-class _Client:
-    """The logger's ``MlflowClient``, usable at once: an attribute read waits until the logger's thread has opened
-    the store and the run (Lightning reads ``logger.experiment`` before a stage starts, and must not wait)."""
-
-    def __init__(self, logger: MLflowLogger) -> None:
-        self._logger = logger
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._logger._opened(), name)
-
-
-class MLflowLogger(Logger, Tracker):
-    """MLflow tracking into the runs folder's database, continuing its run across stages.
-
-    Everything MLflow does runs on a thread of this logger's own, in call order: importing MLflow and opening its
-    store take seconds, and each write a few milliseconds, which would otherwise add to the run; on that thread they
-    overlap the training. ``finalize`` waits for the last write; an MLflow error is raised in the training thread at
-    the next call.
-    """
+class MLflowLogger(LightningMLFlowLogger, Tracker):
+    """Lightning's MLflow logger, writing to the runs folder's database, continuing its run across stages."""
 
     def __init__(
         self,
@@ -108,142 +87,43 @@ class MLflowLogger(Logger, Tracker):
             run_name: Display name of the MLflow run (default: the run folder's name).
             log_checkpoints: Log the best and the last checkpoint as artifacts when the stage ends.
         """
-        super().__init__()
         self.run_dir = Path(save_dir) if save_dir is not None else Path("lightning_logs")
         runs_dir = self.run_dir.resolve().parent if save_dir is not None else self.run_dir.resolve()
-        self._uri = store_uri(runs_dir, tracking_uri)
-        self._artifact_location = artifact_root(runs_dir, self._uri)
-        self._experiment_name, self._run_name = experiment_name, run_name or self.run_dir.name
+        uri = store_uri(runs_dir, tracking_uri)
         id_file = self.run_dir / RUN_ID_FILE
-        self._run_id: Optional[str] = id_file.read_text().strip() if id_file.is_file() else None
+        with _creating(uri):
+            super().__init__(
+                experiment_name=experiment_name,
+                run_name=run_name or self.run_dir.name,
+                tracking_uri=uri,
+                # Used only when the experiment is created: its artifacts' root, beside the database when local.
+                artifact_location=artifact_root(runs_dir, uri),
+                run_id=id_file.read_text().strip() if id_file.is_file() else None,
+                log_model=False,  # checkpoints are logged once, at the end (below), not at every save
+            )
+            # The experiment and run are created now, under the lock: two runs starting at once would both try.
+            run_id = self.run_id
+        # Kept in the run directory once, so that later stages of this run continue the same MLflow run.
+        if run_id and self.run_dir.is_dir() and not id_file.is_file():
+            id_file.write_text(run_id)
         self._log_checkpoints = log_checkpoints
-        self._checkpoint_callback: Any = None
-        self._client: Any = None
-        self._error: Optional[BaseException] = None
-        self._ready = threading.Event()
-        self._calls: queue.SimpleQueue[Optional[Callable[[], None]]] = queue.SimpleQueue()
-        self._worker: Optional[threading.Thread] = None
-        if rank_zero_only.rank == 0:  # the other processes of a DDP run log nothing
-            self._worker = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
-            self._worker.start()
-
-    def _work(self) -> None:
-        """The logger's thread: open the store and the run, then make the queued calls in order."""
-        try:
-            self._open()
-        except BaseException as err:  # handed to the training thread (_submit, finalize, experiment)
-            self._error = err
-        finally:
-            self._ready.set()
-        while (call := self._calls.get()) is not None:
-            if self._error is None:
-                try:
-                    call()
-                except BaseException as err:
-                    self._error = err
-
-    def _open(self) -> None:
-        from mlflow.tracking import MlflowClient
-        from mlflow.tracking.context.registry import resolve_tags
-        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
-
-        # An explicit client: mlflow.set_tracking_uri would also set MLFLOW_TRACKING_URI for the whole process.
-        with _creating(self._uri):  # the experiment and run are created under the lock: two runs may start at once
-            client = MlflowClient(tracking_uri=self._uri)
-            if self._run_id is None:
-                experiment = client.get_experiment_by_name(self._experiment_name)
-                experiment_id = (
-                    experiment.experiment_id
-                    if experiment is not None
-                    else client.create_experiment(self._experiment_name, artifact_location=self._artifact_location)
-                )
-                run = client.create_run(experiment_id, tags=resolve_tags({MLFLOW_RUN_NAME: self._run_name}))
-                self._run_id = run.info.run_id
-                # Kept in the run directory, so that later stages of this run continue the same MLflow run.
-                if self.run_dir.is_dir():
-                    (self.run_dir / RUN_ID_FILE).write_text(self._run_id)
-            else:
-                client.get_run(self._run_id)  # an error now if the run is gone
-        self._client = client
-
-    def _opened(self) -> Any:
-        """The client, once the store and the run are open (waits for the logger's thread)."""
-        self._ready.wait()
-        self._raise()
-        return self._client
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-    def _submit(self, call: Callable[[], None]) -> None:
-        """Queue ``call`` for the logger's thread; made at once when the thread has finished (after ``finalize``)."""
-        self._raise()
-        if self._worker is not None:
-            self._calls.put(call)
-        elif self._client is not None:
-            call()
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> Any:
-        """The ``MlflowClient`` of this run's store (its methods wait until the store and the run are open)."""
-        return _Client(self)
-
-    @property
-    def run_id(self) -> Optional[str]:
-        """The MLflow run's id (waits until the run exists)."""
-        self._opened()
-        return self._run_id
-
-    @property
-    def name(self) -> str:
-        return self._experiment_name
-
-    @property
-    def version(self) -> Optional[str]:
-        """The MLflow run's id once it exists (never waits: Lightning reads it for the progress bar)."""
-        return self._run_id
-
-    @property
-    def save_dir(self) -> str:
-        return str(self.run_dir)
-
-    @rank_zero_only
-    def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
-        timestamp = int(time.time() * 1000)
-        # The characters MLflow allows in a metric name (as Lightning's own MLflow logger does).
-        values = {re.sub(r"[^a-zA-Z0-9_/. -]+", "", k): float(v) for k, v in metrics.items() if not isinstance(v, str)}
-
-        def call() -> None:
-            from mlflow.entities import Metric
-
-            batch = [Metric(key, value, timestamp, step or 0) for key, value in values.items()]
-            self._client.log_batch(self._run_id, metrics=batch)
-
-        self._submit(call)
 
     @rank_zero_only
     def log_hyperparams(self, params: Union[dict[str, Any], Any]) -> None:
         """The whole config as params, nested keys joined with ``/``; a value longer than MLflow allows is cut, with
         a ``...[cut]`` mark, rather than refused."""
-        flat = _flatten(params if isinstance(params, dict) else vars(params))
+        from mlflow.entities import Param
 
-        def call() -> None:
-            from mlflow.entities import Param
-
-            existing = self._client.get_run(self._run_id).data.params
-            batch = [
-                Param(key[:MAX_KEY], value if len(value) <= MAX_VALUE else value[: MAX_VALUE - 8] + "...[cut]")
-                for key, value in flat.items()
-                # MLflow refuses to change a param: a later stage keeps the fit's.
-                if existing.get(key[:MAX_KEY]) is None
-            ]
-            for i in range(0, len(batch), 100):  # MLflow's limit per call
-                self._client.log_batch(self._run_id, params=batch[i : i + 100])
-
-        self._submit(call)
+        params = params if isinstance(params, dict) else vars(params)
+        flat = _flatten(params)
+        existing = self.experiment.get_run(self.run_id).data.params
+        batch = [
+            Param(key[:MAX_KEY], value if len(value) <= MAX_VALUE else value[: MAX_VALUE - 8] + "...[cut]")
+            for key, value in flat.items()
+            if existing.get(key[:MAX_KEY]) is None  # MLflow refuses to change a param: a later stage keeps the fit's
+        ]
+        for i in range(0, len(batch), 100):  # MLflow's limit per call
+            self.experiment.log_batch(self.run_id, params=batch[i : i + 100])
 
     @rank_zero_only
     def log_image(self, key: str, images: list[Any], step: Optional[int] = None) -> None:
@@ -252,46 +132,35 @@ class MLflowLogger(Logger, Tracker):
 
         for i, image in enumerate(images):
             name = f"plots/{key}{'' if i == 0 else f'-{i}'}/step_{step or 0:06d}.png"
-            pixels = np.asarray(image)
-            self._submit(lambda p=pixels, n=name: self._client.log_image(self._run_id, p, artifact_file=n))
+            self.experiment.log_image(self.run_id, np.asarray(image), artifact_file=name)
 
     @rank_zero_only
     def tag_run(self, tags: list[str], note: Optional[str]) -> None:
         """``--run.tags`` as MLflow tags (``tag.<name>``), ``--run.note`` as the run's description."""
-        pairs = [(f"tag.{tag}", "true") for tag in tags] + ([("mlflow.note.content", note)] if note else [])
-        self._submit(lambda: [self._client.set_tag(self._run_id, k, v) for k, v in pairs])
+        for tag in tags:
+            self.experiment.set_tag(self.run_id, f"tag.{tag}", "true")
+        if note:
+            self.experiment.set_tag(self.run_id, "mlflow.note.content", note)
 
     @rank_zero_only
     def log_run_end(self, end: dict[str, Any]) -> None:
-        pairs = [(f"provenance.{key}", str(value)) for key, value in end.items()]
-        self._submit(lambda: [self._client.set_tag(self._run_id, k, v) for k, v in pairs])
+        for key, value in end.items():
+            self.experiment.set_tag(self.run_id, f"provenance.{key}", str(value))
 
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
         self._checkpoint_callback = checkpoint_callback
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
-        """Log the best and the last checkpoint and the run's records as artifacts, end the run, and wait for the
-        logger's thread to finish every write."""
-        if self._worker is None:
+        """Log the best and the last checkpoint and the run's provenance files as artifacts; end the run."""
+        if not self._initialized:
             return
-        callback, self._checkpoint_callback = self._checkpoint_callback, None
-        checkpoints = []
+        callback = self._checkpoint_callback
         if self._log_checkpoints and callback is not None:
-            checkpoints = [p for p in {callback.best_model_path, getattr(callback, "last_model_path", "")} if p]
-        records = sorted(self.run_dir.glob("provenance*.yaml")) + sorted(self.run_dir.glob("config*.yaml"))
-        state = {"success": "FINISHED", "finished": "FINISHED", "failed": "FAILED"}.get(status, "FINISHED")
-
-        def call() -> None:
-            for path in checkpoints:
-                if Path(path).is_file():
-                    self._client.log_artifact(self._run_id, path, "checkpoints")
-            for record in records:
-                self._client.log_artifact(self._run_id, str(record), "run")
-            self._client.set_terminated(self._run_id, state)
-
-        self._submit(call)
-        self._calls.put(None)
-        self._worker.join()
-        self._worker = None
-        self._raise()
+            for path in {callback.best_model_path, getattr(callback, "last_model_path", "")}:
+                if path and Path(path).is_file():
+                    self.experiment.log_artifact(self.run_id, path, "checkpoints")
+        for record in sorted(self.run_dir.glob("provenance*.yaml")) + sorted(self.run_dir.glob("config*.yaml")):
+            self.experiment.log_artifact(self.run_id, str(record), "run")
+        self._checkpoint_callback = None  # Lightning's finalize would log every checkpoint again
+        super().finalize(status)
