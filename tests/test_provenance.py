@@ -147,7 +147,7 @@ def test_every_tracker_holds_the_provenance_and_hardware_use(tmp_path: Path, tin
     assert values["sys/description"] == "tiny data" and values["provenance/status"] == "finished"
 
     metrics = pd.read_csv(run_dir / "metrics.csv")
-    cpu = metrics["DeviceStatsMonitor.on_train_batch_end/cpu_percent"].dropna()
+    cpu = metrics["train/system/cpu_percent"].dropna()
     assert len(cpu) and ((cpu >= 0) & (cpu <= 100 * (torch.get_num_threads() + 64))).all()
 
     table = run_module("mnist_dlops.runs", "--csv", "t.csv", cwd=tmp_path)

@@ -78,6 +78,12 @@ def test_tensorboard_holds_metrics_and_the_full_config(tmp_path: Path, mnist_dir
     columns = [m.name.tag for m in plugin_data_pb2.HParamsPluginData.FromString(experiment).experiment.metric_infos]
     assert {"val/acc", "val/loss", "test/acc"} <= set(columns)
     assert "hp_metric" not in columns and "hp_metric" not in read_scalars(run)
+    # Hardware use comes after the model's own train metrics, in TensorBoard's sorted list, not as groups before them.
+    tags = sorted(acc.Tags()["scalars"])
+    system = [i for i, tag in enumerate(tags) if "system" in tag]
+    assert system and all(tags[i].startswith("train/system/") for i in system)
+    assert max(i for i, tag in enumerate(tags) if tag.startswith("train/") and i not in system) < min(system)
+    assert {tag.split("/")[0] for tag in tags} <= {"epoch", "train", "val"}
 
 
 def test_csv_reads_with_pandas_and_keeps_hparams(tmp_path: Path, mnist_dir: Path) -> None:
