@@ -105,7 +105,7 @@ class RunConfigSaver(SaveConfigCallback):
 
     @functools.cached_property
     def config_yaml(self) -> str:
-        """The run's whole config as YAML, dumped once: jsonargparse takes about 0.1 s, and it is fixed for the run."""
+        """The run's whole config as YAML, dumped once: it is fixed for the run, and every checkpoint keeps it."""
         return self.parser.dump(self.config, skip_none=False)
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -13,7 +13,7 @@ class ProgressBar(RichProgressBar):
     """Lightning's Rich progress bar, redrawn at most every ``refresh_interval`` seconds and at each loop's end.
 
     Lightning's bar updates its task, reads the metrics and redraws after every batch whatever its ``refresh_rate``
-    says (the rate only turns it on or off): about 0.3 ms a batch, a quarter of a small network's training step.
+    says (the rate only turns it on or off): for a small network, a noticeable share of each step.
     """
 
     def __init__(

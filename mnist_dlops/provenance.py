@@ -35,7 +35,7 @@ def data_fingerprint(root: Path, files: Iterable[Path]) -> str:
     """SHA-256 of the manifest of ``files`` (path relative to ``root``, size, SHA-256), in path order.
 
     File hashes are cached in ``root/.mnist_dlops_fingerprint.json`` by (size, mtime); a read-only folder (a shared
-    copy) is simply hashed again next time (about 0.1 s for MNIST's IDX files).
+    copy) is simply hashed again next time.
     """
     cache_file = root / CACHE_NAME
     try:
