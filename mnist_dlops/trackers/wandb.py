@@ -41,12 +41,14 @@ def server_reachable(timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     try:
         with socket.create_connection((host, port), timeout=timeout) as raw:
-            raw.settimeout(max(deadline - time.monotonic(), 0.001))
-            sock = ssl.create_default_context().wrap_socket(raw, server_hostname=host) if url.scheme == "https" else raw
-            sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            sock.sendall(f"HEAD / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-            return sock.recv(5) == b"HTTP/"
-    except (OSError, ssl.SSLError):
+            raw.settimeout(max(deadline - time.monotonic(), 0.001))  # the TLS handshake's share of the deadline
+            # TLS takes the connection over: the wrapped socket is the one to close.
+            tls = url.scheme == "https"
+            with ssl.create_default_context().wrap_socket(raw, server_hostname=host) if tls else raw as sock:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                sock.sendall(f"HEAD / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+                return sock.recv(5) == b"HTTP/"
+    except OSError:  # refused, timed out, TLS failed (ssl.SSLError is an OSError)
         return False
 
 
