@@ -109,7 +109,8 @@ def test_last_checkpoint_follows_every_epoch(lab: Path) -> None:
     first epoch, and a resume would go back an epoch."""
     # Without BatchNorm: its running statistics move even when the weights cannot.
     cli_main(["fit", *TINY, "--model.optimizer.lr", "1e-30", "--model.lr_scheduler", "null",
-              "--model.network.init_args.batch_norm", "false", "--checkpoint.monitor", "val/acc", "--checkpoint.mode", "max", "--trainer.callbacks", "[]"])
+              "--model.network.init_args.batch_norm", "false", "--checkpoint.monitor", "val/acc",
+              "--checkpoint.mode", "max", "--trainer.callbacks", "[]"])
     checkpoints = lab / "lightning_logs/version_0/checkpoints"
     assert [p.name[:7] for p in checkpoints.glob("epoch*.ckpt")] == ["epoch00"]  # the only best
     last = torch.load(checkpoints / "last.ckpt", weights_only=True)

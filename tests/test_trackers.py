@@ -52,8 +52,7 @@ def neptune_operations(run_dir: Path) -> list[dict]:
 
 def _fit(cwd: Path, mnist_dir: Path, *configs: str) -> Path:
     """A debug fit with these configs (and ``--flag value`` pairs among them) in ``cwd``; its run folder."""
-    args = [a for c in configs for a in ((c,) if c.startswith("-") or not c.endswith(".yaml")
-                                          else ("-c", str(REPO / "configs" / c)))]
+    args = [a for c in configs for a in (("-c", str(REPO / "configs" / c)) if c.endswith(".yaml") else (c,))]
     cwd.mkdir(parents=True, exist_ok=True)
     result = cli_in_process("fit", *args, "-c", DEBUG, "--data.data_dir", str(mnist_dir), cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
