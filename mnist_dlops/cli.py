@@ -16,6 +16,7 @@ from typing import Any, Optional
 from jsonargparse import Namespace
 from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.callbacks import ProgressBar as LightningProgressBar
+from pytorch_lightning.loggers import Logger
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
@@ -27,7 +28,7 @@ from mnist_dlops.module import MNISTModule
 from mnist_dlops.predictions import PredictionCSV
 from mnist_dlops.progress import ProgressBar
 from mnist_dlops.restore import restore_from_checkpoint
-from mnist_dlops.rundir import claim_run_dir, place_in_run, run_dir_of, unplace
+from mnist_dlops.rundir import claim_run_dir, run_dir_of
 from mnist_dlops.errors import UserError
 from mnist_dlops.trust import check_classes, gate_args, import_gate
 
@@ -159,8 +160,23 @@ class MNISTCLI(LightningCLI):
         except OSError as err:
             raise OSError(err.errno, f"cannot write into the run ({err.strerror})", str(run_dir)) from None
         os.environ[RUN_DIR_ENV] = str(run_dir)  # for DDP's child processes; cli_main removes it again
-        self._as_given = config.clone()
-        place_in_run(config, run_dir)
+
+    def instantiate_classes(self) -> None:
+        """Lightning's, with the run directory given at instantiation: the trainer's ``default_root_dir``, and the
+        ``save_dir`` of every logger whose own is null (our trackers' default). The config itself is never changed,
+        so config.yaml and the checkpoints keep it as given, portable: rerun, it starts a new run of its own."""
+        if self.run_dir is None:  # no subcommand: nothing runs
+            return super().instantiate_classes()
+        self.config_init = self.parser.instantiate(self.config, instantiators=[(self._into_run, Logger, True)])
+        self.datamodule = self.config_init[self.subcommand].data
+        self.model = self.config_init[self.subcommand].model
+        self.trainer = self.instantiate_trainer(default_root_dir=str(self.run_dir))
+
+    def _into_run(self, logger_class: type[Logger], *args: Any, **kwargs: Any) -> Logger:
+        """Build a logger named in the config; a ``save_dir`` left null means this run's directory."""
+        if "save_dir" in kwargs and kwargs["save_dir"] is None:
+            kwargs["save_dir"] = str(self.run_dir)
+        return logger_class(*args, **kwargs)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Lightning's, with our progress bar as the default one (Lightning adds its Rich bar when none is listed),
@@ -180,14 +196,6 @@ class MNISTCLI(LightningCLI):
         """One closing line: where the run is and how to evaluate it."""
         if self.trainer.is_global_zero and self.run_dir is not None:
             print(f"run: {self.run_dir}  (evaluate: python cli.py test --ckpt_path {self.run_dir})")
-
-    def after_instantiate_classes(self) -> None:
-        """Keep the config as the user gave it (``{run_dir}``, no run paths): what config.yaml and checkpoints hold.
-
-        Re-running a saved config then starts a new run, and resuming puts it back into the checkpoint's run.
-        """
-        if self.subcommand is not None:
-            unplace(self.config[self.subcommand], self._as_given)
 
 
 @contextmanager

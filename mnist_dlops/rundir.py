@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from jsonargparse import Namespace
 
 _VERSION = re.compile(r"version_(\d+)$")
 
@@ -58,29 +57,3 @@ def run_dir_of(ckpt_path: str | None) -> Path | None:
         return None
     run = Path(ckpt_path).resolve().parent.parent
     return run if (run / "config.yaml").is_file() else None
-
-
-def logger_configs(logger: Any) -> list[Namespace]:
-    """The ``class_path``/``init_args`` entries of ``trainer.logger`` (one, a list, or none)."""
-    entries = logger if isinstance(logger, list) else [logger]
-    return [entry for entry in entries if isinstance(entry, Namespace) and "class_path" in entry]
-
-
-# The config keys ``place_in_run`` fills in.
-PLACED_KEYS = ("trainer.default_root_dir", "trainer.logger")
-
-
-def place_in_run(config: Namespace, run_dir: Path) -> None:
-    """Point the trainer and the loggers with an unset (null) ``save_dir`` at ``run_dir`` (checkpoints follow the
-    trainer's directory: ``RunCheckpoint.setup``)."""
-    config.trainer.default_root_dir = str(run_dir)
-    for logger in logger_configs(config.trainer.logger):
-        init_args = logger.get("init_args") or Namespace()
-        if "save_dir" in init_args and init_args.save_dir is None:
-            init_args.save_dir = str(run_dir)
-
-
-def unplace(config: Namespace, as_given: Namespace) -> None:
-    """Put back the values ``place_in_run`` replaced, in place, from a copy taken before it."""
-    for key in PLACED_KEYS:
-        config[key] = as_given[key]
