@@ -1,4 +1,5 @@
-"""Checkpoints: written atomically, saved periodically and on preemption, loaded as untrusted files.
+"""Checkpoints: written atomically, saved periodically and on preemption, loaded as untrusted files, and what they
+keep beyond Lightning's own state to resume exactly (``ResumeState``, under ``STATE_KEY``).
 
 A checkpoint is only ever loaded with ``torch.load(weights_only=True)``: plain tensors and values, never code.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import random
 import tempfile
 import zipfile
 from pathlib import Path
@@ -16,11 +18,16 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
+from pytorch_lightning import Callback
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from mnist_dlops.errors import CheckpointError, DivergedError
+from mnist_dlops.trackers.base import tracker_keys
+
+# Top-level key of this project's own entries in a checkpoint; every value under it is plain (weights_only-safe).
+STATE_KEY = "mnist_dlops"
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -170,3 +177,47 @@ class RunCheckpoint(ModelCheckpoint):
         if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         rank_zero_info(f"Interrupted at step {trainer.global_step}: saved {self.last_model_path}")
+
+
+class ResumeState(Callback):
+    """Saves what Lightning leaves out of a checkpoint and a resumed run needs to continue exactly as if uninterrupted.
+
+    - the random number generators (torch, CUDA, Python), for anything stochastic in the model;
+    - each tracker's state (loggers with ``state_dict``/``load_state_dict``, such as ours for CSV and TensorBoard),
+      with the checkpoint's step: resuming drops what a killed run logged after it, so no step shows twice.
+    """
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        state = checkpoint.setdefault(STATE_KEY, {})
+        state["rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # Python's state is (version, tuple of ints, gauss): stored as lists, plain values only.
+            "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        }
+        if trainer.is_global_zero:
+            state["trackers"] = {
+                key: {**tracker.state_dict(), "global_step": trainer.global_step}
+                for key, tracker in tracker_keys(trainer.loggers).items()
+            }
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        state = checkpoint.get(STATE_KEY, {})
+        if trainer.state.fn != "fit":
+            # An evaluation is logged at the checkpoint's step and epoch, after the run's curves: logged at step 0,
+            # TensorBoard would take it for a restart and drop every later point. Nothing else of the fit loop runs.
+            if "loops" in checkpoint:
+                trainer.fit_loop.load_state_dict(checkpoint["loops"]["fit_loop"])
+            return  # and it neither draws random numbers nor rewrites the run's history
+        if "rng" in state:
+            rng = state["rng"]
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            version, internal, gauss = rng["python"]
+            random.setstate((version, tuple(internal), gauss))
+        if trainer.is_global_zero:
+            saved: dict[str, Any] = state.get("trackers", {})
+            for key, tracker in tracker_keys(trainer.loggers).items():
+                if key in saved:
+                    tracker.load_state_dict(saved[key])

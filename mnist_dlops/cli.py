@@ -16,20 +16,19 @@ from typing import Any, Optional
 from jsonargparse import Namespace
 from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.callbacks import ProgressBar as LightningProgressBar
-from pytorch_lightning.loggers import Logger
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from mnist_dlops.callbacks import ResumeState, RunConfigSaver
-from mnist_dlops.checkpoints import RunCheckpoint, load_checkpoint
-from mnist_dlops.config_checks import OneLineParser, check_config_files, check_values, one_line
+from mnist_dlops.callbacks import PredictionCSV, ProgressBar
+from mnist_dlops.checkpoints import ResumeState, RunCheckpoint, load_checkpoint
+from mnist_dlops.config import OneLineParser, check_config_files, check_values, one_line
 from mnist_dlops.data import MNISTDataModule
-from mnist_dlops.module import MNISTModule
-from mnist_dlops.predictions import PredictionCSV
-from mnist_dlops.progress import ProgressBar
-from mnist_dlops.restore import restore_from_checkpoint
-from mnist_dlops.rundir import claim_run_dir, run_dir_of
 from mnist_dlops.errors import UserError
+from mnist_dlops.module import MNISTModule
+from mnist_dlops.provenance import RunConfigSaver
+from mnist_dlops.restore import restore_from_checkpoint
+from mnist_dlops.runs import claim_run_dir, run_dir_of
 from mnist_dlops.trust import check_classes, gate_args, import_gate
 
 # lr is the peak of the default one-cycle schedule. Adam's fused kernel: one pass over each parameter instead of a
@@ -110,7 +109,7 @@ class MNISTCLI(LightningCLI):
                 # (CPU, memory; GPU when present) logged like any metric. Replaced by a config's
                 # own `trainer.callbacks` list (use `callbacks+:` to add to it instead).
                 "trainer.callbacks": [
-                    {"class_path": "mnist_dlops.diagnostics.Diagnostics"},
+                    {"class_path": "mnist_dlops.callbacks.Diagnostics"},
                     {"class_path": "mnist_dlops.callbacks.DeviceStatsMonitor", "init_args": {"cpu_stats": True}},
                 ],
                 # The run config saver logs the whole config to every tracker, the model's arguments included.

@@ -19,7 +19,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from mnist_dlops.callbacks import free_name
+from mnist_dlops.runs import free_name
 from mnist_dlops.errors import ConfigError, UserError
 from mnist_dlops.module import MNIST_MEAN, MNIST_STD, MNISTModule
 from mnist_dlops.restore import resolve_ckpt

@@ -4,6 +4,8 @@
   PNG of the tree by relative path, size and hash), cached next to the data so that it is computed once.
 - ``code_version``: the git commit of the code that ran, whether the tree was dirty, and the diff when it was.
 - ``environment``: the command line, the versions that matter, and the hardware.
+- ``RunConfigSaver``: the callback that writes a stage's record into the run (``config*.yaml``, ``provenance*.yaml``)
+  and sends it to every tracker.
 """
 
 from __future__ import annotations
@@ -15,9 +17,21 @@ import platform
 import stat as stat_module
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
+from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional
+
+import pytorch_lightning as pl
+import yaml
+from pytorch_lightning.cli import SaveConfigCallback
+from pytorch_lightning.trainer.states import TrainerFn
+
+from mnist_dlops.checkpoints import STATE_KEY
+from mnist_dlops.runs import free_name
+from mnist_dlops.trackers.base import Tracker, tracker_keys
 
 CACHE_NAME = ".mnist_dlops_fingerprint.json"
 
@@ -133,3 +147,121 @@ def run_fingerprint(run_dir: Path) -> Optional[str]:
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
     return ((record or {}).get("data") or {}).get("fingerprint") if isinstance(record, dict) else None
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+
+
+def _described(datamodule: Any) -> Any:
+    """The data files a fingerprint covers: their names (IDX), or how many (a PNG tree)."""
+    if not hasattr(datamodule, "data_files"):  # a data module of the user's own
+        return None
+    files = [p.relative_to(datamodule.data_dir).as_posix() for p in datamodule.data_files()]
+    return files if len(files) <= 10 else f"{len(files)} files"
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Writes the run's record into its directory and sends it to every tracker: the config and the provenance.
+
+    ``fit`` writes ``config.yaml`` and ``provenance.yaml`` (a resumed fit ``config-1.yaml``...); an evaluation of
+    the run's checkpoint (``validate``/``test``/``predict``) lands in the same directory and writes
+    ``config.<stage>.yaml`` and ``provenance.<stage>.yaml`` beside them (``-1``, ``-2``... if repeated), so nothing
+    of the training run is overwritten. The provenance (data fingerprint, git commit, environment, hardware, times)
+    is completed with the end time and wall time when the stage ends.
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        if trainer.is_global_zero:
+            run_dir = Path(trainer.default_root_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            stem = "config" if stage == TrainerFn.FITTING else f"config.{TrainerFn(stage).value}"
+            name = free_name(run_dir, stem, ".yaml")
+            self.parser.save(self.config, name, skip_none=False, overwrite=False, multifile=False)
+            self._provenance_file = name.with_name(name.name.replace("config", "provenance", 1))
+            self.provenance = self._gather_provenance(trainer, run_dir, stage)
+            self._write_provenance()
+            # A resumed fit continues a run whose trackers hold its config already: logging it again would add a
+            # second copy to each (TensorBoard's hparams at step 0, for one). Its own files are written above.
+            if not (stage == TrainerFn.FITTING and self.config.get("ckpt_path")):
+                self.save_config(trainer, pl_module, stage)
+        self.already_saved = trainer.strategy.broadcast(True)
+
+    def _gather_provenance(self, trainer: pl.Trainer, run_dir: Path, stage: str) -> dict[str, Any]:
+        code, diff = code_version(Path(__file__).resolve().parents[1])
+        if diff:
+            diff_file = self._provenance_file.with_suffix(".diff")
+            diff_file.write_text(diff)
+            code["diff_file"] = diff_file.name
+        datamodule = trainer.datamodule
+        run = self.config.get("run") or {}
+        self._started = time.time()
+        return {
+            "run_dir": str(run_dir),
+            "stage": TrainerFn(stage).value,
+            "ckpt_path": self.config.get("ckpt_path"),
+            "tags": list(run.get("tags") or []),
+            "note": run.get("note"),
+            "data": {
+                "fingerprint": getattr(datamodule, "fingerprint", None),
+                "files": _described(datamodule),
+                "data_dir": str(getattr(datamodule, "data_dir", "")),
+                "source": getattr(datamodule, "source", None),
+            },
+            "code": code,
+            **environment(),
+            "started": _iso(self._started),
+        }
+
+    def _write_provenance(self) -> None:
+        tmp = self._provenance_file.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(self.provenance, sort_keys=False))
+        tmp.replace(self._provenance_file)
+
+    @cached_property
+    def config_yaml(self) -> str:
+        """The run's whole config as YAML, dumped once: it is fixed for the run, and every checkpoint keeps it."""
+        return self.parser.dump(self.config, skip_none=False)
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Log the full config (trainer, model, data, checkpoint) and the provenance to every tracker."""
+        # Round-trip through the YAML dump: plain values only (no Path objects), exactly what config.yaml holds.
+        config = yaml.safe_load(self.config_yaml)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({**config, "provenance": self.provenance})
+            if isinstance(logger, Tracker) and (self.provenance["tags"] or self.provenance["note"]):
+                logger.tag_run(self.provenance["tags"], self.provenance["note"])
+
+    def _finish(self, trainer: pl.Trainer, status: str) -> None:
+        """Complete the provenance with the end: time, wall time and how the stage ended; tell the trackers."""
+        if not trainer.is_global_zero or getattr(self, "provenance", None) is None or "ended" in self.provenance:
+            return
+        ended = time.time()
+        end = {"ended": _iso(ended), "wall_time_s": round(ended - self._started, 3), "status": status}
+        # The stage's last value of every metric, whatever the trackers: the runs table reads them from here.
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        self.provenance.update(end, metrics=dict(sorted(metrics.items())))
+        self._write_provenance()
+        for tracker in tracker_keys(trainer.loggers).values():
+            tracker.log_run_end(end)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._finish(trainer, "finished")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._finish(trainer, f"stopped: {type(exception).__name__}")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the model graph where a tracker is set to (TensorBoard's ``log_graph``), as autologging would have.
+
+        Here, not in ``setup``: the model must be on its device first.
+        """
+        if trainer.is_global_zero and not trainer.ckpt_path:
+            for logger in trainer.loggers:
+                logger.log_graph(pl_module)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """Keep the run's whole config in each checkpoint (as YAML text), so that ``fit --ckpt_path`` can resume it."""
+        checkpoint.setdefault(STATE_KEY, {})["config"] = self.config_yaml

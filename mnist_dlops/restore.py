@@ -13,11 +13,10 @@ from typing import Any, Optional
 
 import yaml
 
-from mnist_dlops.callbacks import STATE_KEY
-from mnist_dlops.checkpoints import load_checkpoint
+from mnist_dlops.checkpoints import STATE_KEY, load_checkpoint
 from mnist_dlops.errors import CheckpointError, ConfigError
+from mnist_dlops.runs import recorded_best, training_runs
 from mnist_dlops.trust import check_classes
-from mnist_dlops.rundir import recorded_best, training_runs
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 

@@ -1,4 +1,5 @@
-"""The runs table: every training run under ``lightning_logs/``, its settings and results, offline.
+"""Runs: one directory per run (claimed, found, named into), and the runs table of every training run under
+``lightning_logs/``, its settings and results, offline.
 
     python -m mnist_dlops.runs                                   # all runs, newest last
     python -m mnist_dlops.runs --sort val/acc --where "model=MLP,val/acc>0.99"
@@ -15,18 +16,79 @@ import operator
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import pandas as pd
 import yaml
 
-from mnist_dlops.rundir import recorded_best, training_runs
+if TYPE_CHECKING:  # pandas is imported by the table's functions only: the CLI claims run folders without it
+    import pandas as pd
+
+_VERSION = re.compile(r"version_(\d+)$")
+
+
+# One run, one directory: Lightning lets each logger pick its own folder and version, so two trackers of one run
+# could disagree (TensorBoard in version_3, CSV in version_4). The CLI claims the directory first and gives it to the
+# trainer and to every logger whose save_dir is null.
+def claim_run_dir(runs_dir: Path) -> Path:
+    """Create and return ``runs_dir/version_N`` for the lowest free N.
+
+    ``mkdir`` either creates the directory or fails because it exists, atomically, so two runs started at the same
+    instant never share a directory.
+    """
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    taken = [int(m.group(1)) for p in runs_dir.iterdir() if (m := _VERSION.match(p.name))]
+    n = max(taken, default=-1) + 1
+    while True:
+        try:
+            (runs_dir / f"version_{n}").mkdir()
+            return runs_dir / f"version_{n}"
+        except FileExistsError:
+            n += 1
+
+
+def training_runs(runs_dir: Path) -> list[Path]:
+    """The run folders under ``runs_dir`` that hold a training config, in version order."""
+    runs = [p for p in runs_dir.glob("version_*") if _VERSION.match(p.name) and (p / "config.yaml").is_file()]
+    return sorted(runs, key=lambda p: int(_VERSION.match(p.name).group(1)))
+
+
+def recorded_best(last_checkpoint: dict[str, Any], folder: Path) -> tuple[Optional[str], Optional[Path]]:
+    """The best checkpoint the checkpoint callback recorded in a loaded ``last.ckpt``: (recorded path, existing file).
+
+    The file is looked up in ``folder`` (where last.ckpt is) first, so a moved run still finds it; None if gone.
+    """
+    states = last_checkpoint.get("callbacks", {}).values()
+    best = next((s["best_model_path"] for s in states if isinstance(s, dict) and s.get("best_model_path")), None)
+    if not best:
+        return None, None
+    found = next((c for c in (folder / Path(best).name, Path(best)) if c.is_file()), None)
+    return best, found
+
+
+def run_dir_of(ckpt_path: str | None) -> Path | None:
+    """The run directory a checkpoint was written in (``<run>/checkpoints/x.ckpt``), if it is one of ours."""
+    if not ckpt_path:
+        return None
+    run = Path(ckpt_path).resolve().parent.parent
+    return run if (run / "config.yaml").is_file() else None
+
+
+def free_name(folder: Path, stem: str, suffix: str) -> Path:
+    """``folder/stem.suffix``, or ``stem-1.suffix``, ``stem-2.suffix``... whichever does not exist yet."""
+    path, n = folder / f"{stem}{suffix}", 0
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}{suffix}"
+    return path
+
 
 _OPS = {">=": operator.ge, "<=": operator.le, "!=": operator.ne, "=": operator.eq, ">": operator.gt, "<": operator.lt}
 
 
 def history(run: Path) -> pd.DataFrame:
     """Every logged scalar of a run as rows of (tag, step, value)."""
+    import pandas as pd
+
     metrics_csv = run / "metrics.csv"
     if metrics_csv.is_file():
         wide = pd.read_csv(metrics_csv)
@@ -118,6 +180,8 @@ def run_row(run: Path) -> dict[str, object]:
 
 def runs_table(runs_dir: Path) -> pd.DataFrame:
     """The table of every training run under ``runs_dir``; a run whose record cannot be read is skipped, saying so."""
+    import pandas as pd
+
     import sys
 
     rows = []
@@ -149,6 +213,8 @@ def split_conditions(where: str) -> list[str]:
 def apply_where(table: pd.DataFrame, condition: str) -> pd.DataFrame:
     """Keep the rows meeting ``column<op>value`` (``=``, ``!=``, ``<``, ``<=``, ``>``, ``>=``); ``tags=a,b`` keeps
     the runs holding every one of those tags."""
+    import pandas as pd
+
     match = _CONDITION.fullmatch(condition)
     if not match or match.group(1) not in table.columns:
         columns = ", ".join(table.columns)
@@ -209,6 +275,8 @@ def runs(
         plot_file: The PNG file for ``plot``.
         all_columns: Print every column (settings, data fingerprint, commit, every metric), not a terminal's width.
     """
+    import pandas as pd
+
     if not Path(runs_dir).is_dir():
         raise ValueError(f"--runs_dir {runs_dir}: no such folder")
     table = runs_table(Path(runs_dir))

@@ -29,7 +29,7 @@ import yaml
 from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from mnist_dlops.config_checks import one_line
+from mnist_dlops.config import one_line
 from mnist_dlops.errors import ConfigError, UserError
 
 @dataclass
@@ -411,7 +411,7 @@ def parse(argv: list[str]) -> dict[str, Any]:
     """``sweep``'s arguments from a command line: its own options, and every other flag as ``trial_args``."""
     from jsonargparse import ActionConfigFile
 
-    from mnist_dlops.config_checks import OneLineParser
+    from mnist_dlops.config import OneLineParser
 
     from mnist_dlops.trust import gate_args
 

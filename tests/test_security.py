@@ -18,7 +18,7 @@ import yaml
 
 from conftest import make_idx_set
 
-from mnist_dlops.callbacks import STATE_KEY
+from mnist_dlops.checkpoints import STATE_KEY
 from mnist_dlops.cli import cli_main
 from mnist_dlops.errors import CheckpointError
 from mnist_dlops.export import export

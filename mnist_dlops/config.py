@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterator
 from typing import Any, NoReturn
 
 from jsonargparse import Namespace
