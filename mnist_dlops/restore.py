@@ -70,28 +70,25 @@ def run_checkpoint(run: Path, best: bool = False) -> Path:
 
 
 def checkpoint_config(checkpoint: dict[str, Any], subcommand: str, path: Path) -> dict[str, Any]:
-    """The configuration to start from: the whole training config to resume ``fit``; to evaluate, the model, the
-    data module, and the run's trackers and callbacks (so results reach the same trackers, with the same plots)."""
+    """The configuration to start from, read from the one copy a checkpoint keeps (the run's config, saved by
+    ``RunConfigSaver``): all of it to resume ``fit``; to evaluate, the model, the data module, and the run's trackers
+    and callbacks (so results reach the same trackers, with the same plots)."""
+    if subcommand == "fit" and (not checkpoint.get("optimizer_states") or "loops" not in checkpoint):
+        raise CheckpointError(f"{path}: holds weights only, nothing to resume training from")
     saved = checkpoint.get(STATE_KEY, {}).get("config")
-    saved = yaml.safe_load(saved) if saved else None
+    if not saved:
+        raise CheckpointError(
+            f"{path}: records no run configuration (weights only, or not written by this project); use the run's "
+            "last.ckpt or best checkpoint, or load it in Python with MNISTModule.load_from_checkpoint"
+        )
+    config = yaml.safe_load(saved)
+    config.pop("ckpt_path", None)
     if subcommand == "fit":
-        if not checkpoint.get("optimizer_states") or "loops" not in checkpoint:
-            raise CheckpointError(f"{path}: holds weights only, nothing to resume training from")
-        if saved:
-            saved.pop("ckpt_path", None)
-            return saved
-    model = dict(checkpoint.get("hyper_parameters") or {})
-    data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    if not model or not data:
-        raise CheckpointError(f"{path}: records no model or data configuration; was it written by this project?")
-    for section in (model, data):
-        section.pop("_instantiator", None)
-    # The class names follow the data module's task (a link), never set twice.
-    model.pop("class_names", None)
-    config: dict[str, Any] = {"model": model, "data": data}
-    if saved and saved.get("trainer"):
-        config["trainer"] = {key: saved["trainer"][key] for key in ("logger", "callbacks") if key in saved["trainer"]}
-    return config
+        return config
+    trainer = config.get("trainer") or {}
+    evaluated = {"model": config["model"], "data": config["data"]}
+    evaluated["trainer"] = {key: trainer[key] for key in ("logger", "callbacks") if key in trainer}
+    return evaluated
 
 
 def restore_from_checkpoint(args: list[str]) -> tuple[list[str], Optional[Path]]:

@@ -147,3 +147,22 @@ def test_a_run_without_last_checkpoint_has_nothing_to_resume(tmp_path: Path) -> 
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {Path('lightning_logs/version_0')}: nothing to resume or evaluate, " \
         "it has no checkpoints/last.ckpt yet"
+
+
+def test_a_weights_only_checkpoint_loads_in_python_and_is_refused_by_the_cli_in_one_line(tiny_idx: Path) -> None:
+    """The CLI restores a run from the config its checkpoints keep; a weights-only one has none, and says so."""
+    cwd = tiny_idx.parent
+    fit = cli_in_process("fit", "--data.data_dir", str(tiny_idx), "--data.val_size", "40", "--trainer.max_epochs", "1",
+                         "--checkpoint.save_weights_only", "true", "--trainer.enable_progress_bar", "false",
+                         "--trainer.callbacks", "[]", cwd=cwd)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    (ckpt,) = (cwd / "lightning_logs/version_0/checkpoints").glob("epoch*.ckpt")
+    from mnist_dlops.module import MNISTModule
+
+    assert MNISTModule.load_from_checkpoint(ckpt).network is not None
+    files = sorted((cwd / "lightning_logs/version_0").rglob("*"))
+    result = cli_in_process("test", "--ckpt_path", str(ckpt), cwd=cwd)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {ckpt}: records no run configuration") and "load_from_checkpoint" in line, line
+    assert sorted((cwd / "lightning_logs/version_0").rglob("*")) == files  # nothing added to the run
