@@ -8,8 +8,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,7 +23,7 @@ from mnist_dlops.callbacks import PredictionCSV, ProgressBar
 from mnist_dlops.checkpoints import ResumeState, RunCheckpoint, load_checkpoint
 from mnist_dlops.config import OneLineParser, check_config_files, check_values, one_line
 from mnist_dlops.data import MNISTDataModule
-from mnist_dlops.errors import UserError
+from mnist_dlops.errors import ConfigError, user_errors
 from mnist_dlops.module import MNISTModule
 from mnist_dlops.provenance import RunConfigSaver
 from mnist_dlops.restore import restore_from_checkpoint
@@ -197,32 +196,6 @@ class MNISTCLI(LightningCLI):
             print(f"run: {self.run_dir}  (evaluate: python cli.py test --ckpt_path {self.run_dir})")
 
 
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn the errors a user can fix into one ``error:`` line and a non-zero exit status, no traceback.
-
-    2: a bad config value or checkpoint argument. 1: bad data, a training that diverged, a path that cannot be
-    written (disk full, read-only). 143: stopped by SIGTERM (preemption), after saving ``last.ckpt``, so that a
-    scheduler can tell it from success.
-    """
-    try:
-        yield
-    except UserError as err:
-        _fail(str(err), err.exit_code)
-    except MisconfigurationException as err:  # Lightning's word for settings that cannot go together
-        _fail(one_line(str(err)), 2)
-    except SIGTERMException:  # the CLI has printed how to resume
-        sys.exit(143)
-    except OSError as err:  # disk full, quota, read-only or missing folders: name the path
-        where = os.fsdecode(err.filename) if err.filename else "writing the run's files"
-        _fail(f"{where}: {err.strerror or err}", 1)
-
-
-def _fail(message: str, status: int) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(status)
-
-
 def run(args: ArgsType = None, callbacks: Sequence[Callback] = ()) -> MNISTCLI:
     """One run from Python: parse ``args`` (default: the command line), run the subcommand, return the CLI (its
     ``trainer``, ``model``, ``run_dir``). The user's mistakes are raised (``UserError``, Lightning's
@@ -251,6 +224,16 @@ def run(args: ArgsType = None, callbacks: Sequence[Callback] = ()) -> MNISTCLI:
 
 
 def cli_main(args: ArgsType = None) -> None:
-    """``python cli.py``: ``run`` with the user's mistakes as one ``error:`` line and an exit status."""
+    """``python cli.py``: ``run`` with the user's mistakes as one ``error:`` line and an exit status, no traceback.
+
+    2: a bad config value or checkpoint argument. 1: bad data, a training that diverged, a path that cannot be
+    written (disk full, read-only). 143: stopped by SIGTERM (preemption), after saving ``last.ckpt``, so that a
+    scheduler can tell it from success. A programming error stays a traceback.
+    """
     with user_errors():
-        run(args)
+        try:
+            run(args)
+        except MisconfigurationException as err:  # Lightning's word for settings that cannot go together
+            raise ConfigError(one_line(str(err))) from None
+        except SIGTERMException:  # the CLI has printed how to resume
+            sys.exit(143)

@@ -14,8 +14,8 @@ from torch import Tensor
 
 from mnist_dlops.batches import EpochOrder, TensorBatches
 from mnist_dlops.download import DEFAULT_MIRRORS, ensure_mnist
-from mnist_dlops.provenance import data_fingerprint
 from mnist_dlops.errors import DataError
+from mnist_dlops.provenance import data_fingerprint
 from mnist_dlops.sources import IDX_FILES, find_idx, read_idx_split, read_png_folder, read_png_split
 
 Digit = Literal[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]

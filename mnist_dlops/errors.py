@@ -6,6 +6,20 @@ and stays a traceback.
 
 from __future__ import annotations
 
+import errno
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# File-system errors that are the user's to fix: a disk full or over quota, a file too large for the limit, a
+# read-only file system, no permission, a path that is missing, a file or a folder. Any other OSError (a socket, a
+# bad file descriptor...) is a programming error and stays a traceback.
+USER_ERRNOS = frozenset({
+    errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+    errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG,
+})
+
 
 class UserError(Exception):
     """A mistake the user can fix; the message names the key, value or file and says what to do."""
@@ -31,3 +45,24 @@ class DataError(UserError, ValueError):
 
 class DivergedError(UserError):
     """Training produced a NaN or infinite loss or weights; it stopped before saving a diverged model."""
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Every command's outer frame: a ``UserError`` or a user's file-system error becomes one ``error:`` line and
+    its exit status (the error's ``exit_code``; 1 for a path that cannot be written); anything else propagates."""
+    try:
+        yield
+    except UserError as err:
+        fail(str(err), err.exit_code)
+    except OSError as err:
+        if err.errno not in USER_ERRNOS:
+            raise
+        where = os.fsdecode(err.filename) if err.filename else "writing the run's files"
+        fail(f"{where}: {err.strerror or err}", 1)
+
+
+def fail(message: str, status: int) -> None:
+    """Print ``error: message`` on stderr and exit with ``status``."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(status)

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import io
-import sys
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 from torch import Tensor, nn
 
-from mnist_dlops.runs import free_name
-from mnist_dlops.errors import ConfigError, UserError
+from mnist_dlops.errors import ConfigError, user_errors
 from mnist_dlops.module import MNIST_MEAN, MNIST_STD, MNISTModule
 from mnist_dlops.restore import resolve_ckpt
+from mnist_dlops.runs import free_name
 
 Format = Literal["torchscript", "onnx"]
 
@@ -124,11 +123,8 @@ def main() -> None:
     """``python -m mnist_dlops.export``: parse the flags of ``export`` and run it, with one-line errors."""
     from jsonargparse import CLI
 
-    try:
+    with user_errors():
         CLI(export, as_positional=False)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":

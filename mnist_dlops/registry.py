@@ -17,7 +17,6 @@ torch (or onnxruntime), without this project. The store is the trackers': ``MLFL
 from __future__ import annotations
 
 import logging
-import sys
 import tempfile
 import uuid
 import warnings
@@ -26,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from mnist_dlops.errors import ConfigError, UserError
+from mnist_dlops.errors import ConfigError, UserError, user_errors
 from mnist_dlops.export import export, rebuild, sample_images
 from mnist_dlops.restore import resolve_ckpt, run_checkpoint
 from mnist_dlops.trackers.mlflow import RUN_ID_FILE, artifact_root, store_uri
@@ -353,11 +352,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     """``python -m mnist_dlops.registry {register,alias,list}``, with one-line errors."""
     from jsonargparse import CLI
 
-    try:
+    with user_errors():
         CLI({"register": register, "alias": alias, "list": list_versions}, args=argv)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":

@@ -180,9 +180,9 @@ def run_row(run: Path) -> dict[str, object]:
 
 def runs_table(runs_dir: Path) -> pd.DataFrame:
     """The table of every training run under ``runs_dir``; a run whose record cannot be read is skipped, saying so."""
-    import pandas as pd
-
     import sys
+
+    import pandas as pd
 
     rows = []
     for run in training_runs(runs_dir):

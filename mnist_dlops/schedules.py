@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from jsonargparse.typing import ClosedUnitInterval, PositiveFloat
-
 import torch
+from jsonargparse.typing import ClosedUnitInterval, PositiveFloat
 from torch.optim import Optimizer
 
 from mnist_dlops.errors import ConfigError

@@ -30,7 +30,8 @@ from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from mnist_dlops.config import one_line
-from mnist_dlops.errors import ConfigError, UserError
+from mnist_dlops.errors import ConfigError, UserError, user_errors
+
 
 @dataclass
 class Distribution:
@@ -412,7 +413,6 @@ def parse(argv: list[str]) -> dict[str, Any]:
     from jsonargparse import ActionConfigFile
 
     from mnist_dlops.config import OneLineParser
-
     from mnist_dlops.trust import gate_args
 
     # The sweep's own options are sweep()'s arguments; every other flag is a fixed override for the trials.
@@ -439,19 +439,17 @@ def parse(argv: list[str]) -> dict[str, Any]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """``python -m mnist_dlops.sweep``: one-line errors; exit 2 for a bad sweep, before any trial starts."""
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
-
     import logging
+
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # Lightning's start-up lines for every trial (devices, seed) would bury the sweep's one line per trial.
     for name in ("pytorch_lightning", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        sweep(**parse(argv))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        with user_errors():
+            sweep(**parse(argv))
     except (SIGTERMException, KeyboardInterrupt) as err:
         print("stopped; run the same command again to continue the study", file=sys.stderr)
         sys.exit(143 if isinstance(err, SIGTERMException) else 130)

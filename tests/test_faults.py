@@ -198,3 +198,32 @@ def test_a_run_on_a_read_only_file_system(read_only_mount: Path, capsys: pytest.
     fails([command[0], "--ckpt_path", "last", *command[1:], "--data.data_dir", "data"], capsys, 1,
           "lightning_logs/version_0: cannot write into the run (Read-only file system)")
     assert snapshot(read_only_mount / "lightning_logs") == before
+
+
+@pytest.mark.parametrize("bug", [ZeroDivisionError("division by zero"),
+                                 ConnectionRefusedError(111, "Connection refused"),
+                                 OSError(9, "Bad file descriptor")], ids=["ZeroDivisionError", "socket", "EBADF"])
+def test_a_programming_error_stays_a_traceback(lab: Path, monkeypatch: pytest.MonkeyPatch, bug: Exception) -> None:
+    """Only the user's mistakes become one line: a bug in a training step, or an OSError that names no user path,
+    propagates out of ``cli_main`` as it was raised (``python cli.py`` then prints its traceback)."""
+    from mnist_dlops.module import MNISTModule
+
+    def broken_step(self, batch, batch_idx):
+        raise bug
+
+    monkeypatch.setattr(MNISTModule, "training_step", broken_step)
+    with pytest.raises(type(bug)) as raised:
+        cli_main(["fit", *TINY])
+    assert raised.value is bug
+
+
+def test_a_full_disk_is_the_users_one_line(lab: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture) -> None:
+    """The same place failing with ENOSPC (and a file name) is the user's: one line naming the file, exit 1."""
+    from mnist_dlops.module import MNISTModule
+
+    def full_disk(self, batch, batch_idx):
+        raise OSError(28, "No space left on device", "lightning_logs/version_0/metrics.csv")
+
+    monkeypatch.setattr(MNISTModule, "training_step", full_disk)
+    fails(["fit", *TINY], capsys, 1, "lightning_logs/version_0/metrics.csv: No space left on device")

@@ -8,10 +8,9 @@ Then open http://127.0.0.1:8000/ and draw, or ``curl -F image=@digit.png http://
 
 from __future__ import annotations
 
-import sys
 from typing import Literal, Optional
 
-from mnist_dlops.errors import UserError
+from mnist_dlops.errors import user_errors
 
 
 def serve(
@@ -66,11 +65,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Parse the flags of ``serve`` and run it, with one-line errors."""
     from jsonargparse import CLI
 
-    try:
+    with user_errors():
         CLI(serve, as_positional=False, args=argv)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ import numpy as np
 from lightning_fabric.utilities.logger import _convert_params, _flatten_dict
 from pytorch_lightning.loggers import TensorBoardLogger as LightningTensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
-from torch import Tensor
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+from torch import Tensor
 
 from mnist_dlops.trackers.base import Tracker
 
