@@ -1,12 +1,29 @@
-"""A progress bar that redraws a few times a second, not after every batch."""
+"""A progress bar that redraws a few times a second, not after every batch, and fits a terminal's width."""
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
 from typing import Any, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import RichProgressBar
+from pytorch_lightning.callbacks.progress.rich_progress import RichProgressBarTheme
+
+# Lightning's loggers, whose handlers write its status lines ("`Trainer.fit` stopped: ...").
+LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning_fabric")
+
+
+class _CurrentStderr:
+    """A stream that writes to whatever ``sys.stderr`` is at the time: while Rich's live display is drawn, that is
+    Rich's proxy, which prints the line above the bar instead of under it (where the next redraw would erase it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 class ProgressBar(RichProgressBar):
@@ -14,6 +31,10 @@ class ProgressBar(RichProgressBar):
 
     Lightning's bar updates its task, reads the metrics and redraws after every batch whatever its ``refresh_rate``
     says (the rate only turns it on or off): for a small network, a noticeable share of each step.
+
+    Fitted to a terminal: the metrics (the model logs its losses and accuracy to the bar) stand one per line beside
+    it, so that a narrow terminal never wraps a metric's name away from its value, and Lightning's own status lines
+    print above the bar rather than being drawn over.
     """
 
     def __init__(
@@ -25,9 +46,34 @@ class ProgressBar(RichProgressBar):
             leave: Keep each finished epoch's bar on screen (else one bar is reused).
             console_kwargs: Arguments for Rich's ``Console``, e.g. ``{force_terminal: true}``.
         """
-        super().__init__(leave=leave, console_kwargs=console_kwargs)
+        super().__init__(leave=leave, theme=RichProgressBarTheme(metrics_text_delimiter="\n"),
+                         console_kwargs=console_kwargs)
         self.refresh_interval = refresh_interval
         self._drawn_at = float("-inf")
+        self._log_streams: list[tuple[logging.StreamHandler, Any]] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Send Lightning's log lines through the live display (see ``_CurrentStderr``) for this stage."""
+        super().setup(trainer, pl_module, stage)
+        if not self.is_enabled or self._log_streams:
+            return
+        for name in LIGHTNING_LOGGERS:
+            for handler in logging.getLogger(name).handlers:
+                if type(handler) is logging.StreamHandler and handler.stream is sys.stderr:
+                    self._log_streams.append((handler, handler.setStream(_CurrentStderr())))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._restore_log_streams()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self._restore_log_streams()
+
+    def _restore_log_streams(self) -> None:
+        for handler, stream in self._log_streams:
+            handler.setStream(stream)
+        self._log_streams = []
 
     def _due(self, done: int, total: float) -> bool:
         """Whether to redraw after ``done`` of ``total`` batches (asked only when enabled: other ranks count none)."""
