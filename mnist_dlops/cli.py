@@ -157,7 +157,6 @@ class MNISTCLI(LightningCLI):
                 pass
         except OSError as err:
             raise OSError(err.errno, f"cannot write into the run ({err.strerror})", str(run_dir)) from None
-        os.environ[RUN_DIR_ENV] = str(run_dir)  # for DDP's child processes; cli_main removes it again
 
     def instantiate_classes(self) -> None:
         """Lightning's, with the run directory given at instantiation: the trainer's ``default_root_dir``, and the
@@ -169,6 +168,8 @@ class MNISTCLI(LightningCLI):
         self.datamodule = self.config_init[self.subcommand].data
         self.model = self.config_init[self.subcommand].model
         self.trainer = self.instantiate_trainer(default_root_dir=str(self.run_dir))
+        if self.trainer.world_size > 1:  # Lightning's launcher starts the other processes with this environment
+            os.environ[RUN_DIR_ENV] = str(self.run_dir)  # run() removes it again
 
     def _into_run(self, logger_class: type[Logger], *args: Any, **kwargs: Any) -> Logger:
         """Build a logger named in the config; a ``save_dir`` left null means this run's directory."""
