@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from mnist_dlops.errors import ConfigError, user_errors
 from mnist_dlops.module import MNIST_MEAN, MNIST_STD, MNISTModule
+from mnist_dlops.provenance import free_name
 from mnist_dlops.restore import resolve_ckpt
-from mnist_dlops.runs import free_name
 
 Format = Literal["torchscript", "onnx"]
 

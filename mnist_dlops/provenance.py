@@ -30,7 +30,6 @@ from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.trainer.states import TrainerFn
 
 from mnist_dlops.checkpoints import STATE_KEY
-from mnist_dlops.runs import free_name
 from mnist_dlops.trackers.base import Tracker, tracker_keys
 
 CACHE_NAME = ".mnist_dlops_fingerprint.json"
@@ -147,6 +146,15 @@ def run_fingerprint(run_dir: Path) -> Optional[str]:
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
     return ((record or {}).get("data") or {}).get("fingerprint") if isinstance(record, dict) else None
+
+
+def free_name(folder: Path, stem: str, suffix: str) -> Path:
+    """``folder/stem.suffix``, or ``stem-1.suffix``, ``stem-2.suffix``... whichever does not exist yet."""
+    path, n = folder / f"{stem}{suffix}", 0
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}{suffix}"
+    return path
 
 
 def _iso(timestamp: float) -> str:

@@ -73,15 +73,6 @@ def run_dir_of(ckpt_path: str | None) -> Path | None:
     return run if (run / "config.yaml").is_file() else None
 
 
-def free_name(folder: Path, stem: str, suffix: str) -> Path:
-    """``folder/stem.suffix``, or ``stem-1.suffix``, ``stem-2.suffix``... whichever does not exist yet."""
-    path, n = folder / f"{stem}{suffix}", 0
-    while path.exists():
-        n += 1
-        path = folder / f"{stem}-{n}{suffix}"
-    return path
-
-
 _OPS = {">=": operator.ge, "<=": operator.le, "!=": operator.ne, "=": operator.eq, ">": operator.gt, "<": operator.lt}
 
 

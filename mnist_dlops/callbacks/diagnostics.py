@@ -31,7 +31,7 @@ from torchmetrics.functional.classification import (
 )
 
 from mnist_dlops.plots import Curve, confusion_figure, curves_figure, gallery_figure, to_rgb
-from mnist_dlops.runs import free_name
+from mnist_dlops.provenance import free_name
 from mnist_dlops.trackers.base import tracker_keys
 
 
