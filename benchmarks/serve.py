@@ -110,8 +110,10 @@ def wrk(url: str, body_file: Path, connections: int, seconds: int) -> tuple[floa
     if "Non-2xx" in out or "Socket errors" in out:
         raise SystemExit(f"wrk saw failed requests:\n{out}")
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))
-    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))
+    # The "Latency Distribution" table's own lines: a bare "50%" at the start of a line ("+/- Stdev" columns
+    # elsewhere end in "%" too, e.g. "68.50%").
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)$", out, re.MULTILINE).group(1))
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)$", out, re.MULTILINE).group(1))
     return rate, p50, p99
 
 

@@ -13,6 +13,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -86,40 +87,48 @@ def multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
+def start_server(lab: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """``python -m mnist_dlops.serve <flags>`` on a free loopback port, once healthy: (its process, its URL)."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with open(lab / "server.log", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mnist_dlops.serve", *flags, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=lab, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):  # up to two minutes for the workers to load the model
+        if process.poll() is not None:
+            pytest.fail(f"the server exited: {(lab / 'server.log').read_text()[-3000:]}")
+        try:
+            if get(f"{url}/health", timeout=2)[0] == 200:
+                return process, url
+        except OSError:
+            pass
+        time.sleep(0.5)
+    stop_group(process)
+    pytest.fail("the server did not become healthy within two minutes")
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the server and its worker processes, SIGKILL to any left after 30 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def server(lab: Path) -> str:
     """``python -m mnist_dlops.serve --model models:/mnist-digits@production`` on a free loopback port."""
-    port = free_port()
-    log = open(lab / "server.log", "w")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mnist_dlops.serve", "--model", "models:/mnist-digits@production",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
-        cwd=lab, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    process, url = start_server(lab, "--model", "models:/mnist-digits@production", "--workers", "2")
     try:
-        for _ in range(240):  # up to two minutes for the workers to load the model
-            if process.poll() is not None:
-                pytest.fail(f"the server exited: {(lab / 'server.log').read_text()[-3000:]}")
-            try:
-                if get(f"{url}/health", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("the server did not become healthy within two minutes")
         yield url
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)  # the server and its worker processes
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-        log.close()
+        stop_group(process)
 
 
 @pytest.mark.slow  # a long real run or a server: in `pytest -m slow` and CI, to keep the default run short
@@ -353,3 +362,24 @@ def test_a_strangers_registered_model_never_runs_code(lab: Path, tmp_path: Path)
     last = done.stderr.strip().splitlines()[-1]  # after MLflow's download progress bar
     assert done.returncode == 2 and last.startswith("error: model=models:/evil/1") and "Traceback" not in done.stderr
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_server_alone_stops_every_process_it_started(lab: Path) -> None:
+    """As ``docker stop`` or systemd do: SIGTERM to the main process only; its workers and HTTP server go with it."""
+    import psutil
+
+    process, url = start_server(lab, "--ckpt_path", "best", "--workers", "2")
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert len(children) >= 4  # the queue manager, two model workers, the HTTP server (and a resource tracker)
+        assert post(f"{url}/predict", _png(np.zeros((28, 28), np.uint8)), "image/png")[0] == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"left running after SIGTERM: {[p.cmdline()[:3] for p in alive]}"
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no holder
+            s.bind(("127.0.0.1", int(url.rsplit(":", 1)[1])))  # the port is free for the next start
+    finally:
+        stop_group(process)

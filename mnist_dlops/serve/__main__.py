@@ -8,9 +8,30 @@ Then open http://127.0.0.1:8000/ and draw, or ``curl -F image=@digit.png http://
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Literal, Optional
 
 from mnist_dlops.errors import user_errors
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (``docker stop``, systemd, Kubernetes) shuts the server down as Ctrl+C does.
+
+    LitServe's ``run()`` stops its workers and HTTP servers on KeyboardInterrupt but installs no SIGTERM handler
+    (litserve 0.2.19), so SIGTERM's default killed this process alone and left the workers spinning as orphans, and
+    an HTTP server holding the port. The processes it forks inherit the handler and keep SIGTERM's default.
+    """
+    main = os.getpid()
+
+    def interrupt(signum: int, frame: object) -> None:
+        if os.getpid() != main:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def serve(
@@ -58,6 +79,7 @@ def serve(
     version = f" version {served.version}" if served.version else ""
     print(f"serving {served.name}{version} ({served.format}, classes {','.join(served.class_names)}) "
           f"on http://{host}:{port}/  (POST /predict, GET /metadata, GET /health)", flush=True)
+    stop_on_sigterm()
     server.run(host=host, port=port, num_api_servers=api_servers, log_level=log_level, generate_client_file=False)
 
 

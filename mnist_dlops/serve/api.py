@@ -218,6 +218,8 @@ def build_server(served: ServedModel, workers: int = 1, max_batch_size: int = 16
 
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     api = DigitAPI(served, threads=threads, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+    # fast_queue asks for LitServe's ZMQ transport; litserve 0.2.19 passes it under a wrong keyword and keeps its
+    # multiprocessing-manager queues (LitServe issue 751), so it takes effect only with a fixed release.
     server = ls.LitServer(
         api, accelerator=accelerator, devices=1, workers_per_device=workers, timeout=30, fast_queue=True,
         middlewares=[(Uploads, {"max_bytes": int(max_upload_mb * 2**20)})], model_metadata=served.metadata(),
