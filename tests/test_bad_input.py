@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import pickle
 import resource
 import subprocess
 import sys

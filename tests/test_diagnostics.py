@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torchmetrics.classification import BinaryAUROC, MulticlassAUROC
 
-from conftest import REPO, cli_in_process, read_scalars, run_cli, run_module
+from conftest import REPO, cli_in_process, read_scalars, run_module
 from test_trackers import DEBUG, neptune_operations, wandb_records
 
 from mnist_dlops.callbacks.diagnostics import confusion, pr_curves, roc_curves

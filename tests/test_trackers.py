@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, cli_in_process, read_scalars, run_cli
+from conftest import REPO, cli_in_process, read_scalars
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
 
