@@ -383,3 +383,15 @@ def test_sigterm_to_the_server_alone_stops_every_process_it_started(lab: Path) -
             s.bind(("127.0.0.1", int(url.rsplit(":", 1)[1])))  # the port is free for the next start
     finally:
         stop_group(process)
+
+
+def test_sigterm_while_serving_is_ctrl_c_and_the_callers_handler_comes_back() -> None:
+    """In the serving process SIGTERM takes LitServe's Ctrl+C path; a Python caller gets its own handler back."""
+    from mnist_dlops.serve.__main__ import stop_on_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with stop_on_sigterm():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # interrupted as soon as the handler runs
+    assert signal.getsignal(signal.SIGTERM) is before

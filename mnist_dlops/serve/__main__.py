@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal, Optional
 
 from mnist_dlops.errors import user_errors
 
 
-def stop_on_sigterm() -> None:
-    """SIGTERM (``docker stop``, systemd, Kubernetes) shuts the server down as Ctrl+C does.
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """While serving, SIGTERM (``docker stop``, systemd, Kubernetes) shuts the server down as Ctrl+C does.
 
     LitServe's ``run()`` stops its workers and HTTP servers on KeyboardInterrupt but installs no SIGTERM handler
     (litserve 0.2.19), so SIGTERM's default killed this process alone and left the workers spinning as orphans, and
-    an HTTP server holding the port. The processes it forks inherit the handler and keep SIGTERM's default.
+    an HTTP server holding the port. The processes it forks inherit the handler and keep SIGTERM's default; the
+    caller's own handler is back once the server has stopped.
     """
     main = os.getpid()
 
@@ -31,7 +35,11 @@ def stop_on_sigterm() -> None:
             return
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def serve(
@@ -79,8 +87,8 @@ def serve(
     version = f" version {served.version}" if served.version else ""
     print(f"serving {served.name}{version} ({served.format}, classes {','.join(served.class_names)}) "
           f"on http://{host}:{port}/  (POST /predict, GET /metadata, GET /health)", flush=True)
-    stop_on_sigterm()
-    server.run(host=host, port=port, num_api_servers=api_servers, log_level=log_level, generate_client_file=False)
+    with stop_on_sigterm():
+        server.run(host=host, port=port, num_api_servers=api_servers, log_level=log_level, generate_client_file=False)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
