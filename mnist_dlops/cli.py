@@ -24,11 +24,12 @@ from mnist_dlops.checkpoints import ResumeState, RunCheckpoint, load_checkpoint
 from mnist_dlops.config import OneLineParser, check_config_files, check_values, one_line
 from mnist_dlops.data import MNISTDataModule
 from mnist_dlops.errors import ConfigError, user_errors
+from mnist_dlops.importguard import guarded_imports
 from mnist_dlops.module import MNISTModule
 from mnist_dlops.provenance import RunConfigSaver
 from mnist_dlops.restore import restore_from_checkpoint
 from mnist_dlops.runs import claim_run_dir, run_dir_of
-from mnist_dlops.trust import check_classes, gate_args, import_gate
+from mnist_dlops.trust import check_classes
 
 # lr is the peak of the default one-cycle schedule. Adam's fused kernel: one pass over each parameter instead of a
 # dozen element-wise ops (CPU and GPU).
@@ -124,12 +125,10 @@ class MNISTCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse, starting from the configuration stored in the ``--ckpt_path`` checkpoint when one is given."""
         if isinstance(args, (dict, Namespace)):
-            import_gate(args)
             self.config = parser.parse_object(args)
         else:
             args = list(sys.argv[1:] if args is None else args)
             check_config_files(args)
-            gate_args(args)  # before the parser imports what the arguments name
             args, self.checked_ckpt = restore_from_checkpoint(args)
             self.config = parser.parse_args(args)
 
@@ -208,16 +207,17 @@ def run(args: ArgsType = None, callbacks: Sequence[Callback] = ()) -> MNISTCLI:
     """
     environ = dict(os.environ)
     try:
-        return MNISTCLI(
-            MNISTModule,
-            MNISTDataModule,
-            args=args,
-            seed_everything_default=42,
-            save_config_callback=RunConfigSaver,
-            trainer_defaults={"callbacks": [ResumeState(), PredictionCSV(), *callbacks]},
-            auto_configure_optimizers=False,
-            parser_class=OneLineParser,
-        )
+        with guarded_imports():  # whatever the config, checkpoint or URL names, nothing untrusted is imported
+            return MNISTCLI(
+                MNISTModule,
+                MNISTDataModule,
+                args=args,
+                seed_everything_default=42,
+                save_config_callback=RunConfigSaver,
+                trainer_defaults={"callbacks": [ResumeState(), PredictionCSV(), *callbacks]},
+                auto_configure_optimizers=False,
+                parser_class=OneLineParser,
+            )
     finally:
         for key in set(os.environ) - set(environ):
             del os.environ[key]

@@ -13,7 +13,9 @@ from typing import Any, NoReturn
 from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser
 
+from mnist_dlops.checkpoints import check_filename
 from mnist_dlops.errors import ConfigError
+from mnist_dlops.importguard import GATE
 
 
 def one_line(message: str, limit: int = 400) -> str:
@@ -33,6 +35,10 @@ class OneLineParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:  # jsonargparse parses tentatively with errors raised, then retries: let it
             super().error(message, ex)
+        if GATE.depth and GATE.refused:  # the gate refused a module the config named: that is the news, with the key
+            keys = re.findall(r'Parser key "([^"]+)"', str(message))  # outermost first: model, model.network
+            keys = [key for key, inner in zip(keys, [*keys[1:], ""]) if not inner.startswith(key)]
+            message = ": ".join([*keys, GATE.refused[-1]])
         print(f"error: {one_line(message)}", file=sys.stderr)
         sys.exit(2)
 
@@ -66,12 +72,7 @@ def check_values(config: Namespace) -> None:
             f"checkpoint.dirpath={config.checkpoint.dirpath}: checkpoints are always written to the run's "
             "checkpoints/ folder; use --runs_dir to choose where runs go"
         )
-    name = re.sub(r"\{[^}]*\}", "", str(config.get("checkpoint.filename") or ""))  # metric fields may hold a '/'
-    if "/" in name or "\\" in name or name.startswith("."):
-        raise ConfigError(
-            f"checkpoint.filename={config.checkpoint.filename}: a file name, without folders (it goes into the "
-            "run's checkpoints/ folder)"
-        )
+    check_filename("checkpoint.filename", config.get("checkpoint.filename"))
 
 
 def check_config_files(args: list[str]) -> None:

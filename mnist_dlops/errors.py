@@ -12,6 +12,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from mnist_dlops.importguard import guarded_imports
+
 # File-system errors that are the user's to fix: a disk full or over quota, a file too large for the limit, a
 # read-only file system, no permission, a path that is missing, a file or a folder. Any other OSError (a socket, a
 # bad file descriptor...) is a programming error and stays a traceback.
@@ -49,10 +51,12 @@ class DivergedError(UserError):
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Every command's outer frame: a ``UserError`` or a user's file-system error becomes one ``error:`` line and
-    its exit status (the error's ``exit_code``; 1 for a path that cannot be written); anything else propagates."""
+    """Every command's outer frame: imports are gated (``mnist_dlops.importguard``) for the whole command, and a
+    ``UserError`` or a user's file-system error becomes one ``error:`` line and its exit status (the error's
+    ``exit_code``; 1 for a path that cannot be written); anything else propagates."""
     try:
-        yield
+        with guarded_imports():
+            yield
     except UserError as err:
         fail(str(err), err.exit_code)
     except OSError as err:

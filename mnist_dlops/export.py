@@ -10,7 +10,10 @@ names are written beside it in ``classes.txt``.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, Optional
@@ -52,9 +55,14 @@ def sample_images(n: int = 256) -> Tensor:
     return torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
+def onnx_available() -> bool:
+    """Whether the optional ONNX exporter and runtime are installed (``pip install ".[export]"``)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxscript", "onnxruntime"))
+
+
 def export(
     ckpt_path: str,
-    formats: Sequence[Format] = ("torchscript", "onnx"),
+    formats: Optional[Sequence[Format]] = None,
     out_dir: Optional[str] = None,
     runs_dir: str = "lightning_logs",
     tolerance: float = 1e-5,
@@ -63,7 +71,8 @@ def export(
 
     Args:
         ckpt_path: A .ckpt file, a run folder, or ``last``/``best`` of the newest run under ``runs_dir``.
-        formats: Which exports to write: ``torchscript`` (``model.pt``) and/or ``onnx`` (``model.onnx``).
+        formats: Which exports to write: ``torchscript`` (``model.pt``) and/or ``onnx`` (``model.onnx``); default
+            both, or TorchScript alone when ONNX's packages are not installed (it says so).
         out_dir: Where to write them; default ``<run>/export`` beside the checkpoint's folder (``export-1``,
             ``export-2``... when it exists: an export never replaces an earlier one).
         runs_dir: Folder of the runs, for ``last``/``best``.
@@ -72,13 +81,39 @@ def export(
     Returns:
         The largest absolute difference measured, per format.
     """
+    # Every argument is checked, and every package found, before anything is written.
+    if formats is None:
+        formats = ["torchscript", "onnx"] if onnx_available() else ["torchscript"]
+        if len(formats) == 1:
+            print('onnx: skipped (pip install -c constraints.txt -e ".[export]" for model.onnx too)')
+    if not formats or len(set(formats)) != len(formats):
+        raise ConfigError(f"formats={list(formats)}: name torchscript and/or onnx, each once")
+    if "onnx" in formats and not onnx_available():
+        raise ConfigError('formats=onnx: needs onnx, onnxscript and onnxruntime: pip install -c constraints.txt -e ".[export]"')
+    if not tolerance >= 0:
+        raise ConfigError(f"tolerance={tolerance}: must be >= 0")
     path = resolve_ckpt(ckpt_path, Path(runs_dir))
     module = rebuild(path)
     model = Probabilities(module).eval()
     out = Path(out_dir) if out_dir else free_name(path.resolve().parent.parent, "export", "")
-    if any((out / name).exists() for name in ("model.pt", "model.onnx", "classes.txt")):
-        raise ConfigError(f"out_dir={out}: already holds an export; choose another folder (nothing is overwritten)")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"out_dir={out}: already holds an export or other files; choose another folder (nothing is overwritten)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written into a hidden folder beside it, renamed into place once every export has been checked: an export that
+    # fails (a mismatch, a full disk, Ctrl-C) leaves nothing, and the next one gets the same name.
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as staging:
+        errors = _write(module, model, formats, tolerance, Path(staging))
+        os.replace(staging, out)
+        Path(staging).mkdir()  # for TemporaryDirectory's own clean-up
+    for fmt in formats:
+        print(f"{fmt}: {out / ('model.pt' if fmt == 'torchscript' else 'model.onnx')} "
+              f"(max |difference| from the checkpoint {errors[fmt]:.1e}: ok)")
+    return errors
+
+
+def _write(module: MNISTModule, model: Probabilities, formats: Sequence[Format], tolerance: float,
+           out: Path) -> dict[str, float]:
+    """Each export and ``classes.txt`` into ``out``, each checked against the checkpoint's own outputs."""
     (out / "classes.txt").write_text("\n".join(model.class_names) + "\n")
     images = sample_images()
     with torch.no_grad():
@@ -86,12 +121,11 @@ def export(
         expected = module(images).softmax(-1)
     errors: dict[str, float] = {}
     for fmt in formats:
-        file, outputs = (_torchscript if fmt == "torchscript" else _onnx)(model, images, out)
+        _, outputs = (_torchscript if fmt == "torchscript" else _onnx)(model, images, out)
         errors[fmt] = float((outputs - expected).abs().max())
-        verdict = "ok" if errors[fmt] <= tolerance else "MISMATCH"
-        print(f"{fmt}: {file} (max |difference| from the checkpoint {errors[fmt]:.1e}: {verdict})")
         if errors[fmt] > tolerance:
-            raise SystemExit(f"error: the {fmt} export differs from the checkpoint by {errors[fmt]:.2e} > {tolerance}")
+            raise ConfigError(f"tolerance={tolerance}: the {fmt} export differs from the checkpoint by "
+                              f"{errors[fmt]:.2e}; nothing was written")
     return errors
 
 
@@ -103,10 +137,7 @@ def _torchscript(model: nn.Module, images: Tensor, out: Path) -> tuple[Path, Ten
 
 
 def _onnx(model: nn.Module, images: Tensor, out: Path) -> tuple[Path, Tensor]:
-    try:
-        import onnxruntime
-    except ImportError:
-        raise SystemExit('error: ONNX export needs onnx, onnxscript and onnxruntime: pip install -c constraints.txt -e ".[export]"')
+    import onnxruntime  # found by export() before anything was written
     file = out / "model.onnx"
     batch = torch.export.Dim("batch")
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates each of its passes

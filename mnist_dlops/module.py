@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from argparse import ArgumentError
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -106,21 +107,31 @@ class MNISTModule(pl.LightningModule):
         (``weights_only``, whatever is asked), and the classes its hyper-parameters name are checked
         (``mnist_dlops.trust``) before anything is built. Arguments given here override the checkpoint's."""
         from mnist_dlops.checkpoints import load_checkpoint
+        from mnist_dlops.config import one_line
         from mnist_dlops.errors import CheckpointError, ConfigError
+        from mnist_dlops.importguard import UntrustedImport, guarded_imports
         from mnist_dlops.trust import check_classes
 
         if kwargs.get("hparams_file"):
             raise CheckpointError("hparams_file: not supported; pass the arguments to override as keywords")
         checkpoint = load_checkpoint(checkpoint_path)
-        try:
-            check_classes({"model": {**(checkpoint.get("hyper_parameters") or {}), **kwargs}})
-        except ConfigError as err:
-            raise CheckpointError(f"{checkpoint_path}: {err}") from None
-        # The dict just checked is what Lightning builds from, not the file read again (which could have changed).
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        buffer.seek(0)
-        return super().load_from_checkpoint(buffer, map_location=map_location, weights_only=True, **kwargs)
+        # Lightning merges its legacy keys under ``hyper_parameters`` (saving.CHECKPOINT_PAST_HPARAMS_KEYS): check all.
+        hparams: dict[str, Any] = {}
+        for key in ("hparams", "module_arguments", "hyper_parameters"):
+            hparams.update(checkpoint.get(key) or {})
+        with guarded_imports():  # a plain string naming a class is imported by the parser, not only class_path
+            try:
+                check_classes({"model": {**hparams, **kwargs}})
+            except ConfigError as err:
+                raise CheckpointError(f"{checkpoint_path}: {err}") from None
+            # The dict just checked is what Lightning builds from, not the file read again (which could have changed).
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            buffer.seek(0)
+            try:
+                return super().load_from_checkpoint(buffer, map_location=map_location, weights_only=True, **kwargs)
+            except (UntrustedImport, ArgumentError) as err:  # what the checkpoint names cannot be built
+                raise CheckpointError(f"{checkpoint_path}: {one_line(str(err))}") from None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse weights of another network or task, compared by parameter names and shapes."""

@@ -29,6 +29,7 @@ from mnist_dlops.errors import ConfigError, UserError, user_errors
 from mnist_dlops.export import export, rebuild, sample_images
 from mnist_dlops.restore import resolve_ckpt, run_checkpoint
 from mnist_dlops.trackers.mlflow import RUN_ID_FILE, artifact_root, store_uri
+from mnist_dlops.trust import check_url
 
 Format = Literal["torchscript", "onnx"]
 EXPERIMENT = "mnist-dlops"
@@ -90,7 +91,7 @@ def sweep_best(study: str, runs_dir: str, storage: Optional[str] = None) -> Path
     """The run folder of a sweep's best trial, from its Optuna study."""
     import optuna
 
-    storage = storage or f"sqlite:///{Path(runs_dir) / 'sweeps' / study / 'study.db'}"
+    storage = check_url("sweep_storage", storage or f"sqlite:///{Path(runs_dir) / 'sweeps' / study / 'study.db'}")
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
         raise ConfigError(f"sweep={study}: no study at {storage} (run the sweep first, or pass --sweep_storage)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from mnist_dlops.config import one_line
 from mnist_dlops.errors import ConfigError, UserError, user_errors
+from mnist_dlops.trust import check_url, redact
 
 
 @dataclass
@@ -131,6 +133,7 @@ def _storage(url: str) -> Any:
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    check_url("storage", url)  # before SQLAlchemy imports the URL's driver by name
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     # SQLAlchemy's default PostgreSQL driver is psycopg 3; the one this project ships is psycopg2.
@@ -140,7 +143,7 @@ def _storage(url: str) -> Any:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat is "experimental"
             return optuna.storages.RDBStorage(engine_url, heartbeat_interval=5, grace_period=20)
     except Exception as err:  # noqa: BLE001 - SQLAlchemy and drivers raise many kinds for a URL that cannot open
-        raise ConfigError(f"storage={url}: cannot be opened ({one_line(str(err), limit=160)})") from None
+        raise ConfigError(f"storage={redact(url)}: cannot be opened ({redact(one_line(str(err), limit=160))})") from None
 
 
 class Sweep:
@@ -367,6 +370,15 @@ def sweep(
     """
     if workers < 1:
         raise ConfigError(f"workers={workers}: must be >= 1")
+    # The study's folder is <runs_dir>/sweeps/<study_name>: one plain path component, never a way out of it.
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", study_name) or ".." in study_name:
+        raise ConfigError(f"study_name={study_name!r}: use letters, digits, '_', '-' and '.' (it names a folder)")
+    if n_trials is not None and n_trials < 1:
+        raise ConfigError(f"n_trials={n_trials}: must be >= 1 (or null, to run until timeout)")
+    if timeout is not None and not timeout > 0:
+        raise ConfigError(f"timeout={timeout}: must be > 0 seconds (or null)")
+    if n_trials is None and timeout is None:
+        raise ConfigError("n_trials=null and timeout=null: the sweep would never stop; give one of them")
     space = {k: v if isinstance(v, Distribution) else Distribution(**v) for k, v in space.items()}
     the_sweep = Sweep(
         study_name, base or [], fixed or {}, objective, direction, space, n_trials, timeout,
@@ -413,7 +425,6 @@ def parse(argv: list[str]) -> dict[str, Any]:
     from jsonargparse import ActionConfigFile
 
     from mnist_dlops.config import OneLineParser
-    from mnist_dlops.trust import gate_args
 
     # The sweep's own options are sweep()'s arguments; every other flag is a fixed override for the trials.
     own_options = {*inspect.signature(sweep).parameters, "config", "c", "print_config", "help", "h"} - {"trial_args"}
@@ -428,7 +439,6 @@ def parse(argv: list[str]) -> dict[str, Any]:
             group.append(argv[i + 1])
             i += 1
         i += 1
-    gate_args(own)  # before the parser imports anything the sweep config names
     parser = OneLineParser(prog="python -m mnist_dlops.sweep", description=__doc__.split("\n")[0])
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="A sweep config (configs/sweeps/*.yaml).")
     parser.add_function_arguments(sweep, as_positional=False, skip={"trial_args"})

@@ -1,47 +1,39 @@
 """What a config or a checkpoint may build: classes of the kind each slot expects, from packages the user trusts.
 
-A config, or the hyper-parameters inside a checkpoint, is a file from anywhere. Whatever it names is imported and
-then called, so a name is accepted only when
+A config, a checkpoint's stored config and hyper-parameters, a sweep file, a database URL: each is a file or string
+from anywhere, and whatever it names is imported (running the module's top-level code) and then called. Two checks:
 
-1. its top-level package is trusted: torch, Lightning, torchmetrics, Optuna, this package, plus the user's own packages
-   listed in the ``MNIST_DLOPS_TRUST`` environment variable (comma-separated, e.g. ``MNIST_DLOPS_TRUST=my_pkg``).
-   An environment variable, not a config key, so that a config cannot trust itself;
-2. it is a class, not a function, a method or a factory (``torch.load`` and ``torch.hub.load`` would run code);
-3. the class is of the kind its slot expects: a network is an ``nn.Module``, an optimizer an ``Optimizer``, a
-   callback a Lightning ``Callback``, and so on.
-
-jsonargparse imports the modules a config names while it parses, before anything is built, and importing a module
-runs its top-level code: ``import_gate`` therefore looks at the raw command line and files first and refuses any
-name that would import an untrusted module not imported yet. ``check_classes`` then checks every class the parsed
-config (or a checkpoint's saved config) names, before anything is instantiated.
+1. **At the import** (``mnist_dlops.importguard``): while a command runs, an import hook on ``sys.meta_path`` refuses to
+   load any module that is neither installed (in the interpreter's standard library or site-packages) nor one of
+   the packages the user trusts by name. It stands where every import happens, so it does not matter which path
+   asked (jsonargparse resolving a nested YAML file, Lightning rebuilding hyper-parameters, SQLAlchemy loading a
+   database driver): a module dropped in the working directory, or anywhere else on ``sys.path``, never runs.
+2. **At the build** (``check_classes``): every class a parsed config names must come from a trusted package
+   (torch, Lightning, torchmetrics, Optuna, this package, plus ``MNIST_DLOPS_TRUST``, comma-separated: an
+   environment variable, so that a config cannot trust itself), be a class and not a function or factory
+   (``torch.load`` would run code), and be of the kind its slot expects (a network an ``nn.Module``...).
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
-import os
 import re
-import sys
-from collections.abc import Iterator
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from mnist_dlops.errors import ConfigError
+from mnist_dlops.importguard import TRUST_ENV, user_trusted
 
-TRUST_ENV = "MNIST_DLOPS_TRUST"
 # The project's own dependencies that a config may name classes of (optuna: a sweep's sampler and pruner).
 BUILTIN_TRUSTED = ("torch", "pytorch_lightning", "lightning", "lightning_fabric", "torchmetrics", "mnist_dlops", "optuna")
-# A dotted Python name (``pkg.module.Class``): what jsonargparse would try to import.
-_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 _INDEX = re.compile(r"\[\d+\]")
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")  # pkg.module.Class
 
 
 def trusted_packages() -> tuple[str, ...]:
     """The built-in trusted packages plus those the user listed in ``MNIST_DLOPS_TRUST``."""
-    extra = [name.strip() for name in os.environ.get(TRUST_ENV, "").split(",") if name.strip()]
-    return (*BUILTIN_TRUSTED, *extra)
+    return (*BUILTIN_TRUSTED, *user_trusted())
 
 
 def _hint(top: str) -> str:
@@ -89,43 +81,14 @@ def _leaves(value: Any, key: str) -> Iterator[tuple[str, Any]]:
         yield key, value
 
 
-def _untrusted_import(name: str) -> str | None:
-    """The module that importing ``name`` would newly load and run from an untrusted package, if any.
-
-    Only looks: ``find_spec`` of a module whose parent is already loaded executes nothing. A folder without
-    ``__init__.py`` (a namespace package) runs no code either, so a path such as ``data.mnist`` passes.
-    """
-    parts = name.split(".")
-    if parts[0] in trusted_packages():
-        return None
-    for depth in range(1, len(parts)):
-        module = ".".join(parts[:depth])
-        if module in sys.modules:
-            continue
-        try:
-            spec = importlib.util.find_spec(module)
-        except (ImportError, ValueError):
-            return None
-        if spec is None:
-            return None  # nothing to import: jsonargparse reports the bad name
-        if spec.origin is not None and spec.origin != "namespace":
-            return module
-    return None
-
-
-def import_gate(tree: Any, where: str = "") -> None:
-    """Refuse any dotted name in a raw config tree (a YAML file, a flag's value) that would import untrusted code."""
-    for key, value in _leaves(tree, where):
-        if isinstance(value, str) and _DOTTED.match(value) and (module := _untrusted_import(value)):
-            top = module.split(".")[0]
-            raise ConfigError(f"{key}: {value!r} is not allowed: it would import {module!r}; {_hint(top)}")
-
-
-def _named(tree: Any) -> Iterator[tuple[str, Any]]:
-    """Every (key, class path or callable) a config names: ``class_path`` entries and callables already resolved."""
+def _named(tree: Any, slots: Iterable[str]) -> Iterator[tuple[str, Any]]:
+    """Every (key, class path or callable) a config names: ``class_path`` entries, a slot's value given as a plain
+    dotted name (``network: pkg.Net``, which the parser resolves as a class path too), and resolved callables."""
     for key, value in _leaves(tree, ""):
         if key.endswith("class_path") and isinstance(value, str):
             yield key[: -len(".class_path")], value
+        elif isinstance(value, str) and _INDEX.sub("", key) in slots and _DOTTED.fullmatch(value):
+            yield key, value
         elif callable(value) and hasattr(value, "__module__") and hasattr(value, "__qualname__"):
             yield key, value
 
@@ -153,7 +116,7 @@ def check_classes(tree: Any) -> None:
     Keys are full config keys (``model.network``, ``trainer.callbacks[0]``); run it before instantiating anything.
     """
     kinds = _slot_kinds()
-    for key, named in _named(tree):
+    for key, named in _named(tree, kinds):
         path = named if isinstance(named, str) else f"{named.__module__}.{named.__qualname__}"
         top = path.split(".")[0]
         if top not in trusted_packages():
@@ -168,24 +131,25 @@ def check_classes(tree: Any) -> None:
             raise ConfigError(f"{key}: {path!r} is not allowed: expected a subclass of {names}")
 
 
-def gate_args(args: list[str]) -> None:
-    """``import_gate`` over a command line: each ``-c``/``--config`` file or YAML string, and each flag's value."""
-    import yaml
+# The database dialects and drivers this project ships (SQLAlchemy imports a URL's driver by module name).
+DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2")
+# An MLflow store may also be a tracking server or a local folder.
+TRACKING_SCHEMES = (*DATABASE_SCHEMES, "http", "https", "file")
 
-    for i, arg in enumerate(args):
-        if not arg.startswith("-"):
-            continue
-        name, _, value = arg.partition("=")
-        if not value and i + 1 < len(args) and not args[i + 1].startswith("--"):
-            value = args[i + 1]
-        is_file = name in ("-c", "--config") and os.path.isfile(value)
-        where = "" if name in ("-c", "--config") else name.lstrip("-").rstrip("+")
-        try:
-            with open(value) if is_file else nullcontext(value) as source:
-                tree = yaml.safe_load(source)
-        except (yaml.YAMLError, OSError):
-            tree = value  # malformed YAML: the parser reports it, naming the file
-        try:
-            import_gate(tree, where)
-        except ConfigError as err:
-            raise ConfigError(f"{value}: {err}" if is_file else str(err)) from None
+
+def redact(url: str) -> str:
+    """``url`` with the password of ``scheme://user:password@host`` hidden, for messages."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def check_url(key: str, url: str, schemes: tuple[str, ...] = DATABASE_SCHEMES) -> str:
+    """``url`` if its scheme is one of ``schemes``; else a ``ConfigError`` naming the key (password hidden)."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme == "sqlite" and url.split("://", 1)[1].lstrip("/") in ("", ":memory:"):
+        raise ConfigError(f"{key}={url}: an in-memory database keeps nothing; give a file, sqlite:///path/file.db")
+    if scheme in schemes or (not scheme and "file" in schemes):  # no scheme: a local folder
+        return url
+    raise ConfigError(
+        f"{key}={redact(url)}: not a supported store; use one of {', '.join(s + '://' for s in schemes)}"
+        " (e.g. sqlite:///path/file.db or postgresql://user@host/db)"
+    )

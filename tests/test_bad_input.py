@@ -74,7 +74,7 @@ class Evil(Callback):
         ({}, ["fit", "--trainer.max_epochs", "-5"], ["trainer.max_epochs=-5"]),
         ({}, ["fit", "--model.network", "os.system"], ["model.network", "os.system"]),
         ({"evil.py": EVIL, "c.yaml": "trainer:\n  callbacks:\n    - class_path: evil.Evil\n"}, ["fit", "-c", "c.yaml"],
-         ["trainer.callbacks", "'evil.Evil' is not allowed"]),
+         ["trainer.callbacks", "refused to import 'evil'", "MNIST_DLOPS_TRUST=evil"]),
     ],
 )
 def test_config_errors(tmp_path: Path, files: dict[str, str], args: list[str], fragments: list[str]) -> None:

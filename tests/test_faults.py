@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import yaml
 from conftest import make_idx_set
 
 from mnist_dlops.cli import cli_main
+from mnist_dlops.errors import ConfigError
 from mnist_dlops.export import export
 from mnist_dlops.runs import runs
 
@@ -227,3 +230,24 @@ def test_a_full_disk_is_the_users_one_line(lab: Path, monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(MNISTModule, "training_step", full_disk)
     fails(["fit", *TINY], capsys, 1, "lightning_logs/version_0/metrics.csv: No space left on device")
+
+
+def test_a_bad_export_writes_nothing(trained: Path, capsys: pytest.CaptureFixture) -> None:
+    """Bad arguments and a missing optional package are found before anything is written; the next export then
+    takes the name the README gives (export/), not export-1/."""
+    for kwargs in ({"tolerance": -1.0}, {"formats": []}, {"formats": ["torchscript", "torchscript"]}):
+        with pytest.raises(ConfigError):
+            export(str(trained), **kwargs)
+        assert not list(trained.glob("export*")) and not list(trained.glob(".export*"))
+    # Without ONNX's packages (None in sys.modules: Python's own way to make an import fail), the default export is
+    # TorchScript alone, said so; asking for ONNX is one line and nothing written.
+    code = ("import sys; sys.modules['onnxruntime'] = None; from mnist_dlops.export import main; main()")
+    result = subprocess.run([sys.executable, "-c", code, "--ckpt_path", str(trained), "--formats", "[onnx]"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "onnxruntime" in result.stderr.strip().splitlines()[-1], result.stderr
+    assert not list(trained.glob("export*"))
+    result = subprocess.run([sys.executable, "-c", code, "--ckpt_path", str(trained)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "onnx: skipped" in result.stdout and (trained / "export" / "model.pt").is_file()
+    assert not (trained / "export" / "model.onnx").exists()

@@ -8,19 +8,20 @@ run. The attempts then go through the CLI (in-process, ``cli_main``), ``python -
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import make_idx_set
 
 from mnist_dlops.checkpoints import STATE_KEY
 from mnist_dlops.cli import cli_main
-from mnist_dlops.errors import CheckpointError
+from mnist_dlops.errors import CheckpointError, ConfigError
 from mnist_dlops.export import export
 from mnist_dlops.module import MNISTModule
 
@@ -219,3 +220,276 @@ def test_own_package_works_once_trusted(lab: Path, capsys: pytest.CaptureFixture
     monkeypatch.delenv("MNIST_DLOPS_TRUST")
     with pytest.raises(CheckpointError, match="MNIST_DLOPS_TRUST=evil_mod"):
         MNISTModule.load_from_checkpoint(ckpt)
+
+
+# --- The import gate: whatever path a name takes to an import, a planted module never runs ------------------------
+
+
+@pytest.fixture
+def nested(lab: Path) -> Path:
+    """YAML files that name the planted module only inside other files, where no scan of argv looks."""
+    (lab / "model_evil.yaml").write_text("network:\n  class_path: evil_mod.Net\n")
+    (lab / "net_evil.yaml").write_text("class_path: evil_mod.Net\n")
+    (lab / "cfg_nested.yaml").write_text(f"model: {lab / 'model_evil.yaml'}\n")
+    (lab / "lightning.py").write_text(EVIL_MODULE)  # shadows a trusted name that is not installed here
+    return lab
+
+
+NESTED_ATTEMPTS = {
+    "flag names a file": ["--model", "model_evil.yaml"],
+    "subclass flag names a file": ["--model.network", "net_evil.yaml"],
+    "config names a file": ["-c", "cfg_nested.yaml"],
+    "print_config": ["-c", "cfg_nested.yaml", "--print_config"],
+    "trusted name shadowed": ["--trainer.callbacks+=lightning.Evil"],
+}
+
+
+@pytest.mark.parametrize("name", list(NESTED_ATTEMPTS))
+def test_nested_files_cannot_import_a_planted_module(nested: Path, capsys: pytest.CaptureFixture, name: str) -> None:
+    last = refused(["fit", *NESTED_ATTEMPTS[name], "--data.data_dir", "data", *TINY], capsys, "refused to import")
+    assert "evil_mod" in last or "lightning" in last
+    assert markers(nested) == []
+    assert not (nested / "lightning_logs").exists()
+
+
+def forge_config(path: Path, network: object, out: Path, key: str = "hyper_parameters") -> Path:
+    """A copy of the checkpoint whose stored run config and hyper-parameters (under ``key``) name ``network``."""
+    checkpoint = torch.load(path, weights_only=True)
+    hparams = checkpoint.pop("hyper_parameters")
+    checkpoint[key] = {**hparams, "network": network}
+    if key != "hyper_parameters":  # Lightning reads the legacy keys only beside the current one
+        checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if k != "network"}
+    config = yaml.safe_load(checkpoint[STATE_KEY]["config"])
+    config["model"]["network"] = network
+    checkpoint[STATE_KEY]["config"] = yaml.safe_dump(config)
+    torch.save(checkpoint, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "network,key",
+    [("evil_mod.Net", "hyper_parameters"), ("NESTED", "hyper_parameters"), ("evil_mod.Net", "hparams")],
+    ids=["plain string", "path to a YAML file", "legacy hparams key"],
+)
+def test_a_checkpoints_stored_names_never_import(trained: Path, capsys: pytest.CaptureFixture,
+                                                 network: str, key: str) -> None:
+    """Through every entry point that reads a checkpoint: test, validate, predict, fit-resume, export, register,
+    serve's loader and ``load_from_checkpoint``."""
+    from mnist_dlops.registry import register
+    from mnist_dlops.serve.model import resolve
+
+    lab = trained.parents[3]
+    (lab / "net_evil.yaml").write_text("class_path: evil_mod.Net\n")
+    network = str(lab / "net_evil.yaml") if network == "NESTED" else network
+    forged = forge_config(trained, network, lab / "forged.ckpt", key)
+    for command in ("test", "validate", "predict", "fit"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main([command, "--ckpt_path", str(forged), "--data.data_dir", "data"])
+        assert exit_info.value.code == 2, command
+        assert "Traceback" not in capsys.readouterr().err
+    for attempt in (lambda: MNISTModule.load_from_checkpoint(forged),
+                    lambda: export(str(forged), formats=["torchscript"], out_dir=str(lab / "export")),
+                    lambda: register(ckpt_path=str(forged), runs_dir=str(lab / "lightning_logs")),
+                    lambda: resolve(None, str(forged), str(lab / "lightning_logs"))):
+        with pytest.raises((CheckpointError, ConfigError)):
+            attempt()
+    assert markers(lab) == []
+
+
+DATABASE_URLS = ["mysql://user:s3cret@127.0.0.1/db", "mysql+mysqldb://user:s3cret@127.0.0.1/db",
+                 "mssql+pyodbc://user:s3cret@dsn", "sqlite:///"]
+
+
+@pytest.mark.parametrize("url", DATABASE_URLS)
+def test_a_database_url_never_imports_a_planted_driver(lab: Path, capsys: pytest.CaptureFixture, url: str) -> None:
+    """SQLAlchemy imports a URL's driver by module name (``MySQLdb``): only the drivers we ship are accepted, and
+    the password never reaches the message."""
+    from mnist_dlops.registry import main as registry_main
+    from mnist_dlops.sweep import main as sweep_main
+
+    for driver in ("MySQLdb", "pyodbc"):
+        (lab / f"{driver}.py").write_text(EVIL_MODULE)
+    (lab / "sweep.yaml").write_text(yaml.safe_dump({
+        "study_name": "s", "storage": url, "n_trials": 1,
+        "space": {"model.optimizer.init_args.lr": {"type": "float", "low": 1e-3, "high": 1e-2}}}))
+    attempts = [
+        lambda: sweep_main(["-c", "sweep.yaml", "--data.data_dir", "data", *TINY]),
+        lambda: registry_main(["register", "--sweep", "s", "--sweep_storage", url]),
+        lambda: registry_main(["list", "--tracking_uri", url]),
+        lambda: cli_main(["fit", "--trainer.logger", "mnist_dlops.trackers.mlflow.MLFlowLogger",
+                          "--trainer.logger.tracking_uri", url, "--data.data_dir", "data", *TINY]),
+    ]
+    for attempt in attempts:
+        with pytest.raises(SystemExit) as exit_info:
+            attempt()
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "s3cret" not in err, err
+        assert err.strip().splitlines()[-1].startswith("error: "), err
+    assert markers(lab) == []
+
+
+def test_the_gate_refuses_what_is_not_installed_and_allows_what_is(lab: Path) -> None:
+    """The gate itself: a planted module and a standard module whose import acts are refused; installed packages,
+    the standard library and a package the user trusts by name load."""
+    from mnist_dlops.importguard import UntrustedImport, guarded_imports
+
+    with guarded_imports():
+        for name in ("evil_mod", "antigravity"):
+            with pytest.raises(UntrustedImport, match=name):
+                __import__(name)
+        import json  # noqa: F401 - already loaded: nothing to find
+
+        import optuna.visualization  # noqa: F401 - an installed package
+        import tomllib  # noqa: F401 - the standard library
+    assert markers(lab) == [] and "evil_mod" not in sys.modules
+    os.environ["MNIST_DLOPS_TRUST"] = "evil_mod"
+    try:
+        with guarded_imports():
+            __import__("evil_mod")
+    finally:
+        del os.environ["MNIST_DLOPS_TRUST"]
+    assert markers(lab) == ["MARKER_import"]
+
+
+# --- A run writes and deletes only inside its own directory ---------------------------------------------------------
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` but the runs, the data (its fingerprint cache) and the configs, by md5."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not {"lightning_logs", "data"} & set(p.parts) and p.suffix != ".yaml"}
+
+
+@pytest.fixture
+def sentinel(lab: Path) -> Path:
+    """A folder outside any run, holding a checkpoint, a study's files and a victim file."""
+    outside = lab / "outside"
+    (outside / "trav").mkdir(parents=True)
+    (outside / "epoch=0.ckpt").write_bytes(b"precious")
+    (outside / "trav" / "trials.csv").write_text("precious\n")
+    (outside / "trav" / "best.yaml").write_text("precious: true\n")
+    (lab / "victim.txt").write_text("precious")
+    return outside
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint", "--trainer.callbacks.dirpath=outside"],
+        ["--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint", "--trainer.callbacks.dirpath=outside",
+         "--trainer.callbacks.enable_version_counter=false", "--trainer.callbacks.filename={epoch}"],
+        ["--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint",
+         "--trainer.callbacks.filename=../../../escaped"],
+        ["--checkpoint.filename", "{epoch:/^3}escaped"],
+        ["--checkpoint.filename", "{epoch}/../escaped"],
+    ],
+    ids=["dirpath", "dirpath overwrite", "other callback's filename", "format spec", "folder in a filename"],
+)
+def test_no_checkpoint_callback_writes_outside_the_run(lab: Path, sentinel: Path, capsys: pytest.CaptureFixture,
+                                                       flags: list[str]) -> None:
+    before = tree_digest(lab)
+    refused(["fit", "--data.data_dir", "data", *TINY, *flags], capsys,
+            "dirpath" if "dirpath" in str(flags) else "filename")
+    assert tree_digest(lab) == before and "outside/epoch=0.ckpt" in before
+    assert not list(Path("/").glob("*escaped*")) and not list(lab.parent.glob("*escaped*"))
+    assert not list(lab.glob("lightning_logs/*"))  # the run that was refused left no folder
+
+
+def test_a_study_name_is_one_folder_inside_the_runs(lab: Path, sentinel: Path, capsys: pytest.CaptureFixture) -> None:
+    from mnist_dlops.sweep import main as sweep_main
+
+    before = tree_digest(lab)
+    for name in ("../../outside/trav", "../outside", "", "a/b", "/abs"):
+        (lab / "sweep.yaml").write_text(yaml.safe_dump({
+            "study_name": name, "n_trials": 1,
+            "space": {"model.optimizer.init_args.lr": {"type": "float", "low": 1e-3, "high": 1e-2}}}))
+        with pytest.raises(SystemExit) as exit_info:
+            sweep_main(["-c", "sweep.yaml", "--data.data_dir", "data", *TINY])
+        assert exit_info.value.code == 2
+        assert "study_name" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert tree_digest(lab) == before
+    assert not (lab / "lightning_logs").exists()
+
+
+def test_resuming_a_crafted_checkpoint_never_deletes_outside_the_run(trained: Path, sentinel: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint callback's state names files it will delete as it rotates: a crafted one is refused whole."""
+    lab = trained.parents[3]
+    checkpoint = torch.load(trained, weights_only=True)
+    key = next(k for k in checkpoint["callbacks"] if k.startswith("RunCheckpoint"))
+    dirpath = checkpoint["callbacks"][key]["dirpath"]
+    escape = f"{dirpath}/../../../victim.txt"
+    checkpoint["callbacks"][key].update(best_model_path=escape, last_model_path=escape, kth_best_model_path=escape,
+                                        best_k_models={escape: torch.tensor(9.0)})
+    torch.save(checkpoint, trained)
+    before = tree_digest(lab)
+    refused(["fit", "--ckpt_path", str(trained), "--trainer.max_epochs", "2"], capsys, "victim.txt", "outside")
+    with pytest.raises(CheckpointError, match="outside its folder"):
+        MNISTModule.load_from_checkpoint(trained)
+    assert (lab / "victim.txt").read_text() == "precious"
+    assert tree_digest(lab) == before
+
+
+# --- The server answers every request, however malformed, with a 4xx for that request alone ------------------------
+
+
+def mutants(n_per_format: int = 45) -> list[tuple[str, bytes]]:
+    """Seeded mutations of one digit saved in every format Pillow writes here: flipped, cut and inserted bytes."""
+    import io
+    import random
+
+    from PIL import Image
+
+    digit = Image.fromarray((np.indices((28, 28)).sum(0) % 7 * 36).astype(np.uint8)).convert("RGB")
+    rng = random.Random(0)
+    cases = []
+    for fmt in ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "DDS"):
+        buffer = io.BytesIO()
+        digit.save(buffer, fmt)
+        seed = buffer.getvalue()
+        cases.append((fmt, seed))
+        for i in range(n_per_format):
+            data = bytearray(seed)
+            kind = i % 3
+            if kind == 0:  # flip bytes, mostly in the header where the decoders' choices are made
+                for _ in range(rng.randint(1, 8)):
+                    data[rng.randrange(min(len(data), 64 if rng.random() < 0.7 else len(data)))] = rng.randrange(256)
+            elif kind == 1:
+                data = data[: rng.randrange(1, len(data))]
+            else:
+                at = rng.randrange(len(data))
+                data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 32)))
+            cases.append((f"{fmt} mutant {i}", bytes(data)))
+    return cases
+
+
+def test_no_upload_gets_a_5xx_and_its_batch_neighbours_are_answered(trained: Path) -> None:
+    """Every mutant through the worker's own path (decode, batched predict, encode) in batches with good requests:
+    each answered 200 or 4xx, never an exception; the good ones all 200. JSON bodies through the upload middleware."""
+    import base64
+
+    from mnist_dlops.serve.api import DigitAPI, _json_body
+    from mnist_dlops.serve.model import resolve
+
+    api = DigitAPI(resolve(None, str(trained), str(trained.parents[2])), max_batch_size=8)
+    api.setup("cpu")
+    good = {"image": base64.b64encode(mutants(0)[0][1]).decode()}
+    cases = mutants()
+    assert len(cases) >= 300
+    statuses: dict[str, int] = {}
+    for start in range(0, len(cases), 4):
+        chunk = cases[start : start + 4]
+        requests = [x for name, data in chunk for x in ({"image": base64.b64encode(data).decode()}, good)]
+        answers = [api.encode_response(out) for out in api.predict([api.decode_request(r) for r in requests])]
+        for (name, _), mutant, neighbour in zip(chunk, answers[::2], answers[1::2]):
+            statuses[name] = mutant.status_code
+            assert neighbour.status_code == 200, name
+    assert set(statuses.values()) <= {200, 400, 413}, {k: v for k, v in statuses.items() if v >= 500}
+    assert statuses["DDS"] == 400  # a format outside the accepted list is refused before decoding
+    assert all(statuses[fmt] == 200 for fmt in ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP"))
+    for body in (b"[" * 1200 + b"]" * 1200, b'{"a":' * 1200 + b"1" + b"}" * 1200, b"[1,2,3]", b"null", b'"x"'):
+        with pytest.raises(ValueError):
+            _json_body(body)

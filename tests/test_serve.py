@@ -213,6 +213,10 @@ def test_bad_input_is_a_4xx_and_the_server_keeps_serving(server: str, mnist_dir:
         "bad base64": (json.dumps({"image": "***"}).encode(), "application/json", 400, "base64"),
         "empty multipart": (*multipart("image", "x.png", b""), 400, "no file"),
         "huge upload": (os.urandom(11 * 2**20), "image/png", 413, "MB accepted"),
+        "a DDS file (not an accepted format)": (_dds(), "image/png", 400, "not a readable image"),
+        "JSON nested 1,200 deep": (b"[" * 1200 + b"]" * 1200, "application/json", 400, "nested too deeply"),
+        "a JSON list": (b"[1, 2, 3]", "application/json", 400, "expected a JSON object"),
+        "JSON null": (b"null", "application/json", 400, "expected a JSON object"),
     }
     for name, (body, kind, code, reason) in cases.items():
         status, answer = post(f"{server}/predict", body, kind)
@@ -275,6 +279,13 @@ def test_the_page_in_chromium_reads_a_drawn_seven(lab: Path, server: str, mnist_
         finally:
             browser.close()
     assert predicted == "7" and bars == 10 and seen > 50
+
+
+def _dds() -> bytes:
+    """A small DDS image: Pillow decodes DDS, and a crafted one made it raise NotImplementedError (a 500)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (28, 28)).save(buffer, "DDS")
+    return buffer.getvalue()
 
 
 def test_every_kind_of_model_serves_the_checkpoints_probabilities(lab: Path, mnist_dir: Path) -> None:

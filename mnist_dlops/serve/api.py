@@ -179,9 +179,13 @@ class Uploads:
 
 def _json_body(body: bytes) -> bytes:
     try:
-        json.loads(body)
+        parsed = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"the JSON body does not parse ({type(err).__name__}: {str(err)[:80]})") from None
+    except RecursionError:  # nesting deeper than Python's recursion limit: no request of ours looks like that
+        raise ValueError("the JSON body is nested too deeply") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"expected a JSON object with \"image\" or \"images\", not {type(parsed).__name__}")
     return body
 
 

@@ -21,6 +21,7 @@ from pytorch_lightning.loggers import MLFlowLogger as LightningMLFlowLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from mnist_dlops.trackers.base import Tracker
+from mnist_dlops.trust import TRACKING_SCHEMES, check_url
 
 RUN_ID_FILE = ".mlflow_run_id"
 # MLflow's limits on a param (mlflow.utils.validation): longer keys are refused, longer values too.
@@ -47,7 +48,10 @@ def _creating(uri: str) -> Iterator[None]:
 def store_uri(runs_dir: Path, tracking_uri: Optional[str] = None) -> str:
     """Where MLflow keeps runs and models: ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else one SQLite database
     for the whole runs folder."""
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir.resolve() / 'mlflow.db'}"
+    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):  # checked before SQLAlchemy imports its driver by name
+        key = "tracking_uri" if tracking_uri else "MLFLOW_TRACKING_URI"
+        return check_url(key, tracking_uri or os.environ["MLFLOW_TRACKING_URI"], TRACKING_SCHEMES)
+    return f"sqlite:///{runs_dir.resolve() / 'mlflow.db'}"
 
 
 def artifact_root(runs_dir: Path, uri: str) -> Optional[str]:
