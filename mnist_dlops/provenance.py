@@ -47,8 +47,9 @@ def file_sha256(path: Path) -> str:
 def data_fingerprint(root: Path, files: Iterable[Path]) -> str:
     """SHA-256 of the manifest of ``files`` (path relative to ``root``, size, SHA-256), in path order.
 
-    File hashes are cached in ``root/.mnist_dlops_fingerprint.json`` by (size, mtime); a read-only folder (a shared
-    copy) is simply hashed again next time.
+    File hashes are cached in ``root/.mnist_dlops_fingerprint.json`` by (size, mtime, ctime): a file rewritten and
+    given its old mtime back (``touch -d``) still has a new ctime, which no user tool sets. A read-only folder (a
+    shared copy) is simply hashed again next time.
     """
     cache_file = root / CACHE_NAME
     try:
@@ -60,11 +61,12 @@ def data_fingerprint(root: Path, files: Iterable[Path]) -> str:
         rel = path.relative_to(root).as_posix()
         info = path.stat()
         known = cache.get(rel)
-        if known and known["size"] == info.st_size and known["mtime_ns"] == info.st_mtime_ns:
+        stamp = {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "ctime_ns": info.st_ctime_ns}
+        if known and all(known.get(key) == value for key, value in stamp.items()):
             sha = known["sha256"]
         else:
             sha = file_sha256(path)
-        fresh[rel] = {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256": sha}
+        fresh[rel] = {**stamp, "sha256": sha}
         manifest.append(f"{rel}\t{info.st_size}\t{sha}")
     # A folder without write permission (a shared, read-only copy) is left untouched, even by root.
     if fresh != cache and root.stat().st_mode & stat_module.S_IWUSR:

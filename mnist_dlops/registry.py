@@ -17,6 +17,7 @@ torch (or onnxruntime), without this project. The store is the trackers': ``MLFL
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 import uuid
 import warnings
@@ -29,7 +30,7 @@ from mnist_dlops.errors import ConfigError, UserError, user_errors
 from mnist_dlops.export import export, rebuild, sample_images
 from mnist_dlops.restore import resolve_ckpt, run_checkpoint
 from mnist_dlops.trackers.mlflow import RUN_ID_FILE, artifact_root, store_uri
-from mnist_dlops.trust import check_url
+from mnist_dlops.trust import check_url, redact
 
 Format = Literal["torchscript", "onnx"]
 EXPERIMENT = "mnist-dlops"
@@ -69,13 +70,16 @@ def store(what: str) -> Iterator[None]:
 
 def _store_error(what: str, err: BaseException) -> RegistryError:
     text = str(getattr(err, "orig", None) or getattr(err, "message", None) or err).strip().splitlines()
-    return RegistryError(f"{what}: {text[0] if text else type(err).__name__}")
+    return RegistryError(redact(f"{what}: {text[0] if text else type(err).__name__}"))
 
 
 def check_name(client: Any, name: str) -> bool:
-    """Whether ``name`` exists already; a name MLflow refuses is a ConfigError naming it."""
+    """Whether ``name`` exists already; a name MLflow refuses, or one that MLflow's own search filters cannot quote
+    (``registry list`` would fail for every model), is a ConfigError naming it."""
     from mlflow.exceptions import MlflowException
 
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ConfigError(f"name={name!r}: use letters, digits, '_', '-' and '.'")
     try:
         client.get_registered_model(name)
         return True
@@ -90,6 +94,7 @@ def check_name(client: Any, name: str) -> bool:
 def sweep_best(study: str, runs_dir: str, storage: Optional[str] = None) -> Path:
     """The run folder of a sweep's best trial, from its Optuna study."""
     import optuna
+    from sqlalchemy.exc import SQLAlchemyError
 
     storage = check_url("sweep_storage", storage or f"sqlite:///{Path(runs_dir) / 'sweeps' / study / 'study.db'}")
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
@@ -99,6 +104,10 @@ def sweep_best(study: str, runs_dir: str, storage: Optional[str] = None) -> Path
         best = optuna.load_study(study_name=study, storage=storage).best_trial
     except (KeyError, ValueError) as err:  # no such study in the storage / no complete trial yet
         raise ConfigError(f"sweep={study}: {err}") from None
+    except SQLAlchemyError as err:  # not a study database (a corrupt or foreign file)
+        raise ConfigError(f"sweep_storage={redact(storage)}: cannot be read as an Optuna study ({type(err).__name__})") from None
+    if "run_dir" not in best.user_attrs:
+        raise ConfigError(f"sweep={study}: its best trial records no run folder (not a study of this project's sweep)")
     return Path(best.user_attrs["run_dir"])
 
 

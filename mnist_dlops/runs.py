@@ -270,6 +270,9 @@ def runs(
 
     if not Path(runs_dir).is_dir():
         raise ValueError(f"--runs_dir {runs_dir}: no such folder")
+    for flag, file in (("--csv", csv), ("--plot_file", plot_file if plot else None)):
+        if file and not Path(file).resolve().parent.is_dir():
+            raise ValueError(f"{flag} {file}: no folder {Path(file).parent} to write it into")
     table = runs_table(Path(runs_dir))
     if table.empty:
         print(f"no training runs under {runs_dir}")
@@ -279,9 +282,8 @@ def runs(
         table = apply_where(table, condition)
     if table.empty:
         column = _CONDITION.fullmatch(split_conditions(where or "")[-1]).group(1)
-        seen = ", ".join(sorted({str(v) for v in everything[column].dropna()})[:10])
-        print(f"no run matches --where {where!r} ({len(everything)} runs; {column} takes: {seen})")
-        return table
+        seen = ", ".join(sorted({str(v) for v in everything[column].dropna() if str(v) != ""})[:10])
+        raise ValueError(f"--where {where!r}: no run matches ({len(everything)} runs; {column} takes: {seen or 'no value'})")
     if sort:
         if sort not in table.columns:
             raise ValueError(f"--sort {sort!r}: no such column (columns: {', '.join(table.columns)})")
@@ -291,7 +293,8 @@ def runs(
     width = 250 if all_columns else 120
     with pd.option_context("display.max_columns", None, "display.width", width, "display.max_colwidth", 40,
                            "display.precision", 4):
-        print(shown.drop(columns=["best_checkpoint"], errors="ignore").to_string(index=False))
+        # A metric a run never logged (test/acc before `test`) is blank, not NaN.
+        print(shown.drop(columns=["best_checkpoint"], errors="ignore").to_string(index=False, na_rep=""))
         print("\nbest checkpoints:\n" + "\n".join(f"  {r}: {c}" for r, c in zip(table["run"], table["best_checkpoint"])))
     if csv:
         table.to_csv(csv, index=False)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+from jsonargparse import Namespace
 from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
@@ -54,6 +55,11 @@ class Distribution:
     log: bool = False
     step: Optional[float] = None
     choices: Optional[list[Any]] = None
+
+    def __post_init__(self) -> None:
+        # The parser hands a choice such as {class_path, init_args} over as a Namespace: kept as the plain value
+        # the YAML holds, so that it reaches a trial's flags, the study and best.yaml as written.
+        self.choices = None if self.choices is None else [_plain(choice) for choice in self.choices]
 
     def check(self, key: str) -> None:
         """One line naming the key for an empty, reversed or incomplete range."""
@@ -119,6 +125,17 @@ class ObjectiveMissing(ConfigError):
 
 class TrialFailed(Exception):
     """A trial ended with a user error (a diverged training, say): recorded as failed, and the sweep goes on."""
+
+
+def _plain(value: Any) -> Any:
+    """A parsed value as plain YAML data: jsonargparse Namespaces as dicts, recursively."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
 
 
 def _flag(key: str, value: Any) -> str:
@@ -417,7 +434,10 @@ def _optuna_object(value: Optional[dict[str, Any]], kind: str, default: str) -> 
     cls = getattr(importlib.import_module(module), name, None) if module.startswith("optuna.") else None
     if not (inspect.isclass(cls) and issubclass(cls, base)):
         raise ConfigError(f"{kind}: {path!r} is not allowed: name an optuna.{kind}s class")
-    return cls(**(value.get("init_args") or {}))
+    try:
+        return cls(**(value.get("init_args") or {}))
+    except (TypeError, ValueError) as err:  # an argument the class does not take, or a value it refuses
+        raise ConfigError(f"{kind}.init_args: {path} refuses them ({one_line(str(err), limit=160)})") from None
 
 
 def parse(argv: list[str]) -> dict[str, Any]:

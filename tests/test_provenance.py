@@ -155,3 +155,23 @@ def test_every_tracker_holds_the_provenance_and_hardware_use(tmp_path: Path, tin
     row = pd.read_csv(tmp_path / "t.csv").iloc[0]
     assert row["data"] == fingerprint[:12] and row["tags"] == "nightly" and row["note"] == "tiny data"
     assert isinstance(row["commit"], str) and row["commit"]
+
+
+def test_the_fingerprint_cache_sees_a_file_rewritten_with_its_old_size_and_mtime(tmp_path: Path) -> None:
+    """Zeroed labels, same size, mtime set back (``touch -d``): the cache must not vouch for the old hash."""
+    import os
+
+    from conftest import make_idx_set
+
+    from mnist_dlops.provenance import data_fingerprint
+
+    root = make_idx_set(tmp_path / "data", gz=False)
+    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    official = data_fingerprint(root, files)
+    labels = next(p for p in files if p.name.startswith("t10k-labels"))
+    info = labels.stat()
+    data = labels.read_bytes()
+    labels.write_bytes(data[:8] + bytes(len(data) - 8))
+    os.utime(labels, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert labels.stat().st_size == info.st_size and labels.stat().st_mtime_ns == info.st_mtime_ns
+    assert data_fingerprint(root, files) != official

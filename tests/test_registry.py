@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -145,7 +146,17 @@ def test_bad_input_is_one_line_and_registers_nothing(lab: Path, capsys: pytest.C
         (("alias", "nobody@production", "1"), 2, "no registered model named 'nobody'"),
         (("alias", "mnist-digits", "1"), 2, "expected <name>@<alias>"),
         (("register", "--sweep", "never-ran"), 2, "sweep=never-ran"),
+        (("register", "--name", "o'brien"), 2, "name=\"o'brien\""),
+        (("register", "--sweep", "corrupt"), 2, "cannot be read as an Optuna study"),
+        (("register", "--sweep", "foreign"), 2, "records no run folder"),
+        (("list", "--tracking_uri", "mysql://me:s3cret@127.0.0.1/x"), 2, "tracking_uri=mysql://me:***@"),
     ]
+    (lab / "lightning_logs/sweeps/corrupt").mkdir(parents=True)
+    (lab / "lightning_logs/sweeps/corrupt/study.db").write_bytes(os.urandom(4096))
+    foreign = optuna.create_study(study_name="foreign", storage=f"sqlite:///{lab}/lightning_logs/sweeps/foreign.db")
+    foreign.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
+    (lab / "lightning_logs/sweeps/foreign").mkdir()
+    (lab / "lightning_logs/sweeps/foreign.db").rename(lab / "lightning_logs/sweeps/foreign/study.db")
     for argv, code, message in cases:
         status, err = fails(capsys, *argv)
         assert status == code and message in err and err.startswith("error: "), (argv, err)

@@ -406,3 +406,18 @@ def test_sigterm_while_serving_is_ctrl_c_and_the_callers_handler_comes_back() ->
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # interrupted as soon as the handler runs
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--port", "-1"], "port=-1"), (["--port", "70000"], "port=70000"), (["--workers", "0"], "workers=0"),
+    (["--max_batch_size", "0"], "max_batch_size=0"), (["--batch_timeout", "-1"], "batch_timeout=-1"),
+    (["--host", "999.1.1.1"], "host=999.1.1.1"), (["--max_upload_mb", "0"], "max_upload_mb=0"),
+])
+def test_bad_server_options_are_one_line(capsys: pytest.CaptureFixture, flags: list[str], fragment: str) -> None:
+    from mnist_dlops.serve.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--ckpt_path", "nosuch.ckpt", *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.splitlines()[-1].startswith(f"error: {fragment}"), err

@@ -161,19 +161,44 @@ BAD = {
                 {"storage": "postgresql://nobody@127.0.0.1:9/none"}, "storage=postgresql://"),
     "sampler": ({LR: {"type": "float", "low": 0.01, "high": 0.02}},
                 {"sampler": {"class_path": "os.system"}}, "sampler"),
+    "sampler's argument": ({LR: {"type": "float", "low": 0.01, "high": 0.02}},
+                           {"sampler": {"class_path": "optuna.samplers.TPESampler", "init_args": {"nosuch": 1}}},
+                           "sampler.init_args"),
+    "pruner's value": ({LR: {"type": "float", "low": 0.01, "high": 0.02}},
+                       {"pruner": {"class_path": "optuna.pruners.PercentilePruner", "init_args": {"percentile": 900}}},
+                       "pruner.init_args"),
+    "no trials": ({LR: {"type": "float", "low": 0.01, "high": 0.02}}, {"n_trials": -1}, "n_trials=-1"),
+    "negative timeout": ({LR: {"type": "float", "low": 0.01, "high": 0.02}}, {"timeout": -5}, "timeout=-5"),
+    "empty study name": ({LR: {"type": "float", "low": 0.01, "high": 0.02}}, {"study_name": ""}, "study_name=''"),
+    "in-memory storage": ({LR: {"type": "float", "low": 0.01, "high": 0.02}}, {"storage": "sqlite:///"},
+                          "keeps nothing"),
 }
 
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_sweeps_fail_before_any_trial(lab: Path, capsys: pytest.CaptureFixture, case: str) -> None:
     space, options, fragment = BAD[case]
-    (lab / "bad.yaml").write_text(yaml.safe_dump({"study_name": "bad", "space": space, **options}))
+    (lab / "bad.yaml").write_text(yaml.safe_dump({"study_name": "bad", "n_trials": 1, "space": space, **options}))
     with pytest.raises(SystemExit) as exit_info:
         main(["-c", "bad.yaml", "--data.download", "false"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and err.splitlines()[-1].startswith("error: ") and fragment in err, err
     assert not list(lab.glob("lightning_logs/version_*"))
+
+
+def test_a_categorical_choice_of_classes_with_arguments(lab: Path, mnist_dir: Path) -> None:
+    """The README's example: choices that are classes with init_args reach the trial as written."""
+    choices = [{"class_path": "mnist_dlops.networks.FastCNN", "init_args": {"hidden": 32}},
+               {"class_path": "mnist_dlops.networks.FastCNN", "init_args": {"hidden": 64}}]
+    study = sweep("classes", {"model.network": {"type": "categorical", "choices": choices}}, n_trials=1,
+                  trial_args=[*data_args(mnist_dir), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                              "--trainer.limit_val_batches", "1"])
+    trial = study.trials[0]
+    assert trial.state == TrialState.COMPLETE
+    config = yaml.safe_load((Path(trial.user_attrs["run_dir"]) / "config.yaml").read_text())
+    network = config["model"]["network"]
+    assert network["class_path"] == "mnist_dlops.networks.FastCNN" and network["init_args"]["hidden"] in (32, 64)
 
 
 @pytest.mark.slow  # several processes: in `pytest -m slow` and CI

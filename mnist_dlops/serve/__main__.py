@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal, Optional
 
-from mnist_dlops.errors import user_errors
+from mnist_dlops.errors import ConfigError, user_errors
 
 
 @contextmanager
@@ -80,6 +80,7 @@ def serve(
     from mnist_dlops.serve.api import build_server
     from mnist_dlops.serve.model import check, resolve
 
+    check_options(host, port, workers, max_batch_size, batch_timeout, max_upload_mb, threads, api_servers)
     served = resolve(model, ckpt_path, runs_dir, tracking_uri)
     check(served)
     server = build_server(served, workers=workers, max_batch_size=max_batch_size, batch_timeout=batch_timeout,
@@ -89,6 +90,27 @@ def serve(
           f"on http://{host}:{port}/  (POST /predict, GET /metadata, GET /health)", flush=True)
     with stop_on_sigterm():
         server.run(host=host, port=port, num_api_servers=api_servers, log_level=log_level, generate_client_file=False)
+
+
+def check_options(host: str, port: int, workers: int, max_batch_size: int, batch_timeout: float,
+                  max_upload_mb: float, threads: Optional[int], api_servers: int) -> None:
+    """Values that parse but cannot serve, refused in one line before anything loads."""
+    import ipaddress
+
+    for key, value, low in (("workers", workers, 1), ("max_batch_size", max_batch_size, 1),
+                            ("api_servers", api_servers, 1), ("threads", threads or 1, 1)):
+        if value < low:
+            raise ConfigError(f"{key}={value}: must be >= {low}")
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port={port}: must be 0-65535")
+    if batch_timeout < 0 or not max_upload_mb > 0:
+        key, value = ("batch_timeout", batch_timeout) if batch_timeout < 0 else ("max_upload_mb", max_upload_mb)
+        raise ConfigError(f"{key}={value}: must be {'>= 0' if key == 'batch_timeout' else '> 0'}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ConfigError(f"host={host}: not an IP address (127.0.0.1: this machine only; 0.0.0.0: all)") from None
 
 
 def main(argv: Optional[list[str]] = None) -> None:
