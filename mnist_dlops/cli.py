@@ -7,7 +7,6 @@ import os
 import shutil
 import sys
 import tempfile
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +24,7 @@ from mnist_dlops.config import OneLineParser, check_config_files, check_values, 
 from mnist_dlops.data import MNISTDataModule
 from mnist_dlops.errors import ConfigError, user_errors
 from mnist_dlops.importguard import guarded_imports
+from mnist_dlops.quiet import quiet
 from mnist_dlops.module import MNISTModule
 from mnist_dlops.provenance import RunConfigSaver
 from mnist_dlops.restore import restore_from_checkpoint
@@ -47,8 +47,6 @@ class _NoAdverts(logging.Filter):
 
 
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoAdverts())  # once: at import
-# Lightning's own pytree helper trips torch's deprecation of LeafSpec on every run: Lightning's to fix, not the user's.
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 class MNISTCLI(LightningCLI):
@@ -145,6 +143,8 @@ class MNISTCLI(LightningCLI):
         # A checkpoint named in a YAML file rather than on the command line is checked here, before anything starts.
         if config.get("ckpt_path") and Path(config.ckpt_path) != self.checked_ckpt:
             load_checkpoint(config.ckpt_path)
+        if self.subcommand == "fit" and config.get("ckpt_path"):
+            check_resumable(load_checkpoint(config.ckpt_path), config)
         run_dir = os.environ.get(RUN_DIR_ENV) or run_dir_of(config.get("ckpt_path"))
         run_dir = Path(run_dir) if run_dir else None
         if run_dir is None:
@@ -193,7 +193,21 @@ class MNISTCLI(LightningCLI):
     def after_fit(self) -> None:
         """One closing line: where the run is and how to evaluate it."""
         if self.trainer.is_global_zero and self.run_dir is not None:
-            print(f"run: {self.run_dir}  (evaluate: python cli.py test --ckpt_path {self.run_dir})")
+            best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
+            target = os.path.relpath(best) if best else self.run_dir
+            print(f"run: {self.run_dir}  (evaluate: python cli.py test --ckpt_path {target})")
+
+
+def check_resumable(checkpoint: dict[str, Any], config: Namespace) -> None:
+    """A finished run has nothing to resume: one line saying how to train it longer, rather than a silent exit 0."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    # "processed": the epoch's batches all ran (last.ckpt is saved at the epoch's end, before "completed" counts it).
+    done, epochs = max(progress.get("completed", 0), progress.get("processed", 0)), config.get("trainer.max_epochs")
+    if epochs is not None and epochs != -1 and done >= epochs and config.get("trainer.max_steps", -1) == -1:
+        run = Path(config.ckpt_path).resolve().parent.parent
+        raise ConfigError(f"ckpt_path={config.ckpt_path}: the run has finished its {done} epochs, nothing to resume "
+                          f"(its learning-rate schedule ended with them); for more epochs, rerun its config: "
+                          f"python cli.py fit -c {os.path.relpath(run / 'config.yaml')} --trainer.max_epochs {done + 1}")
 
 
 def run(args: ArgsType = None, callbacks: Sequence[Callback] = ()) -> MNISTCLI:
@@ -207,7 +221,8 @@ def run(args: ArgsType = None, callbacks: Sequence[Callback] = ()) -> MNISTCLI:
     """
     environ = dict(os.environ)
     try:
-        with guarded_imports():  # whatever the config, checkpoint or URL names, nothing untrusted is imported
+        # Whatever the config, checkpoint or URL names, nothing untrusted is imported; libraries' noise is not printed.
+        with guarded_imports(), quiet():
             return MNISTCLI(
                 MNISTModule,
                 MNISTDataModule,

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from mnist_dlops.importguard import guarded_imports
+from mnist_dlops.quiet import quiet
 
 # File-system errors that are the user's to fix: a disk full or over quota, a file too large for the limit, a
 # read-only file system, no permission, a path that is missing, a file or a folder. Any other OSError (a socket, a
@@ -51,11 +52,12 @@ class DivergedError(UserError):
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Every command's outer frame: imports are gated (``mnist_dlops.importguard``) for the whole command, and a
+    """Every command's outer frame: imports are gated (``mnist_dlops.importguard``) and libraries' noise silenced
+    (``mnist_dlops.quiet``) for the whole command, and a
     ``UserError`` or a user's file-system error becomes one ``error:`` line and its exit status (the error's
     ``exit_code``; 1 for a path that cannot be written); anything else propagates."""
     try:
-        with guarded_imports():
+        with guarded_imports(), quiet():
             yield
     except UserError as err:
         fail(str(err), err.exit_code)

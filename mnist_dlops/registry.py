@@ -16,6 +16,8 @@ torch (or onnxruntime), without this project. The store is the trackers': ``MLFL
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
 import tempfile
@@ -248,8 +250,8 @@ def register(
                 "output": "class probabilities [N, num_classes], in class_names order", "checkpoint": str(path)}
     version = None
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            export(str(path), formats=[format], out_dir=tmp)
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+            export(str(path), formats=[format], out_dir=tmp)  # its lines name a temporary folder: not the news
             run_id = _mlflow_run(client, run_dir, metrics)
             file = Path(tmp) / ("model.onnx" if format == "onnx" else "model.pt")
             source = _log_model(client, file, format, list(module.class_names), metadata, run_id)
@@ -266,8 +268,9 @@ def register(
     except BaseException:
         _take_back(client, name, version, existed)
         raise
-    print(f"registered {name} version {version}{f' as @{alias}' if alias else ''} from {path}"
-          f"  (load: mlflow.pyfunc.load_model('models:/{name}/{version}'))")
+    shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("val/loss", "val/acc", "test/acc") if k in metrics)
+    print(f"registered {name} version {version}{f' as @{alias}' if alias else ''}: run {run_dir}, checkpoint "
+          f"{path.name}{f' ({shown})' if shown else ''}  (load: mlflow.pyfunc.load_model('models:/{name}/{version}'))")
     return int(version)
 
 

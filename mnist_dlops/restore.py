@@ -50,9 +50,42 @@ def best_of(last: Path) -> Path:
     return found
 
 
+def best_checkpoint(runs_dir: Path) -> tuple[Path, str]:
+    """The best checkpoint of every training run under ``runs_dir``, by the metric their checkpoints monitor, and
+    how it was chosen (``val/loss 0.0301, the best of 3 runs``).
+
+    Runs that monitor different metrics, or the same one in opposite directions, cannot be ranked together: that
+    is one line asking for a run folder or a file."""
+    ranked = []
+    for run in training_runs(runs_dir) or [latest_run(runs_dir)]:  # none: latest_run says so
+        last = run / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            continue
+        checkpoint = load_checkpoint(last)
+        state = next((s for s in checkpoint.get("callbacks", {}).values()
+                      if isinstance(s, dict) and s.get("best_model_score") is not None), None)
+        found = recorded_best(checkpoint, last.parent)[1]
+        if state is None or found is None:
+            continue
+        mode = ((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("checkpoint") or {}).get("mode", "min")
+        ranked.append(((state["monitor"], mode), float(state["best_model_score"]), found))
+    if not ranked:
+        raise CheckpointError(f"{runs_dir}: no training run with a best checkpoint (run `python cli.py fit` first)")
+    kinds = {kind for kind, _, _ in ranked}
+    if len(kinds) > 1:
+        raise CheckpointError(f"best: the runs under {runs_dir} monitor different metrics "
+                              f"({', '.join(sorted(f'{m} ({mode})' for m, mode in kinds))}); pass a run folder or a .ckpt file")
+    (monitor, mode), = kinds
+    score, path = (min if mode == "min" else max)((s, p) for _, s, p in ranked)
+    return path, f"{monitor} {score:.4f}, the best of {len(ranked)} run{'s' if len(ranked) > 1 else ''}"
+
+
 def resolve_ckpt(value: str, runs_dir: Path) -> Path:
-    """Turn ``last``, ``best``, a run folder or a file path into the checkpoint file it means."""
-    if value in ("last", "best"):
+    """Turn ``best`` (the best checkpoint of all runs), ``last`` (the newest run's last.ckpt), a run folder or a
+    file path into the checkpoint file it means."""
+    if value == "best":
+        return best_checkpoint(runs_dir)[0]
+    if value == "last":
         run = latest_run(runs_dir)
     elif Path(value).is_dir() and (Path(value) / "checkpoints").is_dir():
         run = Path(value)

@@ -17,7 +17,6 @@ import inspect
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -315,7 +314,12 @@ def _write_results(sweep: Sweep, study: Any, started: float) -> None:
     if counts["complete"]:
         best = study.best_trial
         run_dir = Path(best.user_attrs["run_dir"])
-        shutil.copy(run_dir / "config.yaml", folder / "best.yaml")
+        # The trial's config, less the tags that made its run a trial of the study: a rerun is not trial N again.
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        run = config.setdefault("run", {})
+        run["tags"] = [t for t in run.get("tags") or [] if t not in (sweep.study_name, f"trial-{best.number}")]
+        run["note"] = run.get("note") or f"rerun of sweep {sweep.study_name}, trial {best.number}"
+        (folder / "best.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         lines += [f"best: trial {best.number}, {sweep.objective}={best.value:.4f}  ({run_dir})",
                   "  " + ", ".join(f"{k}={_short(v)}" for k, v in best.params.items()),
                   f"rerun it: python cli.py fit -c {folder / 'best.yaml'}"]

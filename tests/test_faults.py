@@ -257,3 +257,13 @@ def test_a_bad_export_writes_nothing(trained: Path, capsys: pytest.CaptureFixtur
     assert result.returncode == 0, result.stderr
     assert "onnx: skipped" in result.stdout and (trained / "export" / "model.pt").is_file()
     assert not (trained / "export" / "model.onnx").exists()
+
+
+def test_resuming_a_finished_run_says_so_and_how_to_train_longer(trained: Path, capsys: pytest.CaptureFixture
+                                                                      ) -> None:
+    before = snapshot(trained)
+    fails(["fit", "--ckpt_path", str(trained)], capsys, 2, "finished its 1 epochs", "config.yaml --trainer.max_epochs 2")
+    assert snapshot(trained) == before
+    cli_main(["fit", "-c", str(trained / "config.yaml"), "--trainer.max_epochs", "2"])  # the command it gives
+    last = torch.load(trained.parent / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] == 2

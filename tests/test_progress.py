@@ -53,3 +53,33 @@ def test_the_bar_fits_80_columns_and_keeps_lightnings_lines(tmp_path: Path) -> N
     assert not [line for line in lines if re.search(r"(train|val)/\w+:$", line)], screen
     for name in ("train/loss", "val/loss", "val/acc"):
         assert any(re.search(rf"{name}: \d\.\d{{3}}", line) for line in lines), (name, screen)
+
+
+def test_the_sanity_checks_metrics_are_not_shown_as_results(tiny_idx: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Until the first real validation, the bar shows no val/ metric (the sanity check's two batches are no result)."""
+    from pytorch_lightning import Callback
+
+    from mnist_dlops.callbacks import ProgressBar
+    from mnist_dlops.cli import run
+
+    seen: list[dict] = []
+
+    class Watch(Callback):
+        def look(self, trainer) -> None:  # noqa: ANN001
+            bar = next(c for c in trainer.callbacks if isinstance(c, ProgressBar))
+            seen.append(bar.get_metrics(trainer, trainer.lightning_module))
+
+        def on_validation_end(self, trainer, pl_module):  # noqa: ANN001
+            if trainer.sanity_checking:  # what the bar draws as the sanity check ends, and keeps till it redraws
+                self.look(trainer)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+            self.look(trainer)
+
+    monkeypatch.chdir(tmp_path)
+    run(["fit", "--data.data_dir", str(tiny_idx), "--data.download", "false", "--data.val_size", "20",
+         "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--trainer.callbacks", "[]"],
+        callbacks=[Watch()])
+    assert not any(key.startswith("val/") for key in seen[0] | seen[1] | seen[2])  # only the sanity check had run
+    assert any(key.startswith("val/") for key in seen[3])  # epoch 1: epoch 0's validation is a result

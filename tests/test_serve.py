@@ -421,3 +421,21 @@ def test_bad_server_options_are_one_line(capsys: pytest.CaptureFixture, flags: l
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and err.splitlines()[-1].startswith(f"error: {fragment}"), err
+
+
+def test_fake_exports_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A file named model.onnx or model.pt that is no such thing: one line naming it, before any worker starts."""
+    import zipfile
+
+    from mnist_dlops.serve.__main__ import main
+
+    (tmp_path / "classes.txt").write_text("0\n1\n")
+    (tmp_path / "model.onnx").write_bytes(b"not a protobuf")
+    with zipfile.ZipFile(tmp_path / "model.pt", "w") as archive:
+        archive.writestr("archive/code/x.py", "not TorchScript")
+    for name in ("model.onnx", "model.pt"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--model", str(tmp_path / name)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err and err.splitlines()[-1].startswith(f"error: {tmp_path / name}: cannot be"), err

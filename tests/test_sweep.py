@@ -71,6 +71,9 @@ def test_trials_are_runs_with_the_lr_sampled(lab: Path, mnist_dir: Path, capsys:
     # best.yaml reruns the best trial alone, to the same value, bit for bit.
     rerun = run(["fit", "-c", str(folder / "best.yaml")])
     assert float(rerun.trainer.callback_metrics["val/acc"]) == study.best_value
+    best = yaml.safe_load((folder / "best.yaml").read_text())["run"]  # a rerun, not the trial again
+    assert f"trial-{study.best_trial.number}" not in best["tags"] and "s" not in best["tags"]
+    assert best["note"] == f"rerun of sweep s, trial {study.best_trial.number}"
 
 
 def test_a_bad_trial_is_pruned_and_a_diverged_one_fails(lab: Path, mnist_dir: Path,

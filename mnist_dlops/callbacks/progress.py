@@ -62,6 +62,21 @@ class ProgressBar(RichProgressBar):
                 if type(handler) is logging.StreamHandler and handler.stream is sys.stderr:
                     self._log_streams.append((handler, handler.setStream(_CurrentStderr())))
 
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_sanity_check_start(trainer, pl_module)
+        self._validated = False
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._validated = self._validated or not trainer.sanity_checking
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Lightning's, less the sanity check's validation metrics: two batches of an untrained model are no result."""
+        metrics = super().get_metrics(trainer, pl_module)
+        if not getattr(self, "_validated", True):
+            metrics = {key: value for key, value in metrics.items() if not key.startswith("val/")}
+        return metrics
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         self._restore_log_streams()

@@ -9,6 +9,7 @@ cloudpickled Python) or a "pytorch" model saved by pickle is refused before a by
 
 from __future__ import annotations
 
+import os
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -144,8 +145,17 @@ def from_registry(uri: str, runs_dir: str = "lightning_logs", tracking_uri: Opti
         # Downloaded from where the version's files are, by the registry's own answer: MLflow's models:/ download
         # would look the name up in the process-wide registry, not this one.
         source = client.get_model_version_download_uri(name, version.version)
-        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target),
-                                                          tracking_uri=location))
+        # MLflow's own switch for its "Downloading artifacts" bar: a few kB, drawn as if something were slow.
+        bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+        try:
+            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target),
+                                                              tracking_uri=location))
+        finally:
+            if bar is None:
+                del os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"]
+            else:
+                os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
     # The files land in the folder, or in a sub-folder named after the version's source path: find its MLmodel.
     descriptor = next(iter(sorted(folder.rglob("MLmodel"), key=lambda p: len(p.parts))), None)
     if descriptor is None:
@@ -184,7 +194,11 @@ def resolve(model: Optional[str], ckpt_path: Optional[str], runs_dir: str = "lig
 
 def check(served: ServedModel) -> None:
     """Load once and run one blank image: a model that does not map MNIST images to its classes fails here."""
-    probs = served.load()(torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
+    try:
+        probs = served.load()(torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
+    except Exception as err:  # noqa: BLE001 - TorchScript's and ONNX Runtime's parsers raise types of their own
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{served.source}: cannot be loaded as {served.format} ({first})") from None
     if tuple(probs.shape) != (1, len(served.class_names)) or abs(float(probs.sum()) - 1) > 1e-3:
         raise CheckpointError(f"{served.source}: gives {tuple(probs.shape)} outputs for one image, not "
                               f"probabilities over its {len(served.class_names)} classes")

@@ -1,0 +1,39 @@
+"""Lines from the libraries underneath that a user would read as trouble, silenced in our commands, each with a reason.
+
+Only lines that say nothing about the user's run: a library's note to its own developers, a deprecation inside
+another library, an optional package we never use. Everything else still reaches the user.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# (message regex, category): warnings raised inside Lightning or torch by their own code, not by our use of them.
+WARNINGS = [
+    # Lightning's own pytree helper trips torch's deprecation of LeafSpec: Lightning's to fix.
+    (r".*isinstance\(treespec, LeafSpec\)", FutureWarning),
+    # Prediction over our in-memory batches: Lightning cannot find a sampler's indices, which predict never uses.
+    (r"Couldn't infer the batch indices fetched from your dataloader", UserWarning),
+]
+# Loggers whose warnings concern packages we do not use: torch's ONNX exporter lists torchvision's operators it
+# skips because torchvision is not installed (we export no torchvision operator).
+LOGGERS = ["torch.onnx._internal.exporter._registration"]
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Within this block, the lines listed above are not printed."""
+    levels = {name: logging.getLogger(name).level for name in LOGGERS}
+    with warnings.catch_warnings():
+        for message, category in WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        for name in LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
