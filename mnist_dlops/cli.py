@@ -24,9 +24,9 @@ from mnist_dlops.config import OneLineParser, check_config_files, check_values, 
 from mnist_dlops.data import MNISTDataModule
 from mnist_dlops.errors import ConfigError, user_errors
 from mnist_dlops.importguard import guarded_imports
-from mnist_dlops.quiet import quiet
 from mnist_dlops.module import MNISTModule
 from mnist_dlops.provenance import RunConfigSaver
+from mnist_dlops.quiet import quiet
 from mnist_dlops.restore import restore_from_checkpoint
 from mnist_dlops.runs import claim_run_dir, run_dir_of
 from mnist_dlops.trust import check_classes
@@ -89,6 +89,11 @@ class MNISTCLI(LightningCLI):
             "--run.tags", type=list[str], default=[], help="Labels of this run, for the trackers and the runs table."
         )
         parser.add_argument("--run.note", type=Optional[str], default=None, help="A free-text note on this run.")
+        parser.add_argument(
+            "--run_dir", type=Optional[str], default=None,
+            help="This run's own folder, at a fixed path (a pipeline stage's output; it must not exist or be empty); "
+            "default: a new version_N under --runs_dir (for an evaluation: the checkpoint's run).",
+        )
         # The network's output size and the plots' labels follow the data module's task: set once, there.
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         # Checkpointing is always on and configurable as `checkpoint.*`: the best by val/loss, plus last.ckpt.
@@ -145,8 +150,14 @@ class MNISTCLI(LightningCLI):
             load_checkpoint(config.ckpt_path)
         if self.subcommand == "fit" and config.get("ckpt_path"):
             check_resumable(load_checkpoint(config.ckpt_path), config)
-        run_dir = os.environ.get(RUN_DIR_ENV) or run_dir_of(config.get("ckpt_path"))
+        run_dir = os.environ.get(RUN_DIR_ENV) or config.get("run_dir") or run_dir_of(config.get("ckpt_path"))
         run_dir = Path(run_dir) if run_dir else None
+        if config.get("run_dir") and not os.environ.get(RUN_DIR_ENV):
+            if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+                raise ConfigError(f"run_dir={run_dir}: exists and is not empty; a run gets a folder of its own "
+                                  "(rerunning a pipeline run's config.yaml? add --run_dir null)")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.claimed = run_dir
         if run_dir is None:
             run_dir = self.claimed = claim_run_dir(Path(config.runs_dir))
         self.run_dir = run_dir

@@ -9,11 +9,12 @@ from typing import Any, Literal, Optional
 import pytorch_lightning as pl
 import torch
 from jsonargparse.typing import PositiveInt
-from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from mnist_dlops.batches import EpochOrder, TensorBatches
 from mnist_dlops.download import DEFAULT_MIRRORS, ensure_mnist
+from mnist_dlops.dvc_data import DataVersion, read_version, workspace_version
 from mnist_dlops.errors import DataError
 from mnist_dlops.provenance import data_fingerprint
 from mnist_dlops.sources import IDX_FILES, find_idx, read_idx_split, read_png_folder, read_png_split
@@ -41,6 +42,7 @@ class MNISTDataModule(pl.LightningDataModule):
         download: bool = True,
         mirrors: Sequence[str] = DEFAULT_MIRRORS,
         predict_dir: Optional[str] = None,
+        version: Optional[str] = None,
     ) -> None:
         """
         Args:
@@ -58,6 +60,9 @@ class MNISTDataModule(pl.LightningDataModule):
             mirrors: Base URLs tried in order for the download; every file's MD5 is checked before use.
             predict_dir: Folder of PNG digits (any size; searched recursively) for ``predict``; without it, ``predict``
                 runs on the MNIST test split. Files under a folder named by a class are scored against that class.
+            version: A git revision (tag, branch, commit) of the DVC-tracked ``data_dir`` to train or evaluate on,
+                read through DVC without checking it out (the working copy is untouched); null: ``data_dir`` as it
+                is on disk. Either way the run records the data version it read.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -67,6 +72,10 @@ class MNISTDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.download, self.mirrors = download, list(mirrors)
         self.predict_dir = Path(predict_dir) if predict_dir else None
+        self.version = version
+        # Where the files are read from: data_dir, or the folder DVC fetched ``version`` into (see prepare_data).
+        self._read_dir: Optional[Path] = None
+        self._data_version: Optional[DataVersion] = None
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
         # What each prediction is of, in order: a file path, or ``test[i]`` for the MNIST test split.
         self.predict_names: list[str] = []
@@ -87,8 +96,33 @@ class MNISTDataModule(pl.LightningDataModule):
     def fingerprint(self) -> str:
         """Content hash of the data files this module reads (IDX files or the PNG tree), computed once per run."""
         if self._fingerprint is None:
-            self._fingerprint = data_fingerprint(self.data_dir, self.data_files())
+            files = self.data_files()  # resolves the data version first
+            self._fingerprint = data_fingerprint(self.read_dir, files, cache=self._data_version is None)
         return self._fingerprint
+
+    @property
+    def read_dir(self) -> Path:
+        """The folder the files are read from: ``data_dir``, or DVC's copy of ``version``."""
+        if self._read_dir is None:
+            self._resolve_version()
+        return self._read_dir
+
+    @property
+    def data_version(self) -> Optional[DataVersion]:
+        """The DVC data version read (its hash, the git commit of its pointer, tags); None: not tracked by DVC."""
+        self.read_dir  # noqa: B018 - resolves the version once
+        return self._data_version
+
+    def _resolve_version(self) -> None:
+        if self.version is not None:
+            self._read_dir, self._data_version = read_version(self.data_dir, self.version)
+            return
+        self._read_dir = self.data_dir
+        if self.data_dir.is_dir():
+            self._data_version = workspace_version(self.data_dir)
+            if self._data_version is None:
+                rank_zero_info(f"data: {self.data_dir} is not tracked by DVC; the run records its fingerprint only "
+                               f"(python -m mnist_dlops.datasets add {self.data_dir} makes it a data version)")
 
     def data_files(self) -> list[Path]:
         """The files of the data set: the four IDX files, or every file of the PNG tree's train/ and test/.
@@ -96,22 +130,25 @@ class MNISTDataModule(pl.LightningDataModule):
         All of them, whatever the stage reads, so that fit and test fingerprint the same data set: a data set with
         a part missing is an error here, not a fingerprint of three files.
         """
+        folder = self.read_dir
         if self.source == "png":
-            missing = [split for split in ("train", "test") if not (self.data_dir / split).is_dir()]
+            missing = [split for split in ("train", "test") if not (folder / split).is_dir()]
             if missing:
-                raise DataError(f"{self.data_dir / missing[0]}: no such folder (a PNG data set has train/ and test/)")
-            return [p for split in ("train", "test") for p in (self.data_dir / split).rglob("*") if p.is_file()]
+                raise DataError(f"{folder / missing[0]}: no such folder (a PNG data set has train/ and test/)")
+            return [p for split in ("train", "test") for p in (folder / split).rglob("*") if p.is_file()]
         stems = [stem for pair in IDX_FILES.values() for stem in pair]
-        missing = [stem for stem in stems if find_idx(self.data_dir, stem) is None]
+        missing = [stem for stem in stems if find_idx(folder, stem) is None]
         if missing:
             raise DataError(
-                f"{self.data_dir}: {', '.join(missing)} missing (an MNIST data set is four files: {', '.join(stems)})"
+                f"{folder}: {', '.join(missing)} missing (an MNIST data set is four files: {', '.join(stems)})"
             )
-        return [find_idx(self.data_dir, stem) for stem in stems]
+        return [find_idx(folder, stem) for stem in stems]
 
     def state_dict(self) -> dict[str, Any]:
         """Kept in every checkpoint: the fingerprint of the data it was trained (or evaluated) on."""
-        return {"data_fingerprint": self.fingerprint, "data_dir": str(self.data_dir)}
+        version = self.data_version
+        return {"data_fingerprint": self.fingerprint, "data_dir": str(self.data_dir),
+                "data_version": version.as_dict() if version else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Warn, clearly, when the data about to be used is not the data the checkpoint was trained on."""
@@ -126,7 +163,7 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Download missing IDX files (runs once per machine, before ``setup``)."""
-        if self.source == "idx" and self.download:
+        if self.source == "idx" and self.download and self.version is None:
             ensure_mnist(self.data_dir, self.mirrors)
 
     def setup(self, stage: str) -> None:
@@ -159,15 +196,15 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def _read(self, split: str) -> tuple[Tensor, Tensor]:
         """Read one split as (uint8 [N, 1, 28, 28], int64 [N]) with the task's labels."""
-        if not self.data_dir.is_dir():
+        if not self.data_dir.is_dir() and self.version is None:
             raise DataError(
                 f"{self.data_dir}: not a folder; put the four MNIST *-ubyte.gz files there "
                 "or point --data.data_dir at a folder that holds them"
             )
         if self.source == "png":
-            images, labels = read_png_split(self.data_dir, split, self._png_classes())
+            images, labels = read_png_split(self.read_dir, split, self._png_classes())
         else:
-            images, labels = read_idx_split(self.data_dir, split)
+            images, labels = read_idx_split(self.read_dir, split)
         if self.task == "binary" and self.source == "idx":
             labels = (labels == self.digit).long()
         return images.unsqueeze(1).contiguous(), labels

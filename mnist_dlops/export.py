@@ -18,13 +18,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, Optional
 
+import numpy as np
 import torch
+import yaml
 from torch import Tensor, nn
 
 from mnist_dlops.errors import ConfigError, user_errors
 from mnist_dlops.module import MNIST_MEAN, MNIST_STD, MNISTModule
 from mnist_dlops.provenance import free_name
 from mnist_dlops.restore import resolve_ckpt
+from mnist_dlops.serve.monitoring import Reference, reference_of
 
 Format = Literal["torchscript", "onnx"]
 
@@ -101,8 +104,9 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written into a hidden folder beside it, renamed into place once every export has been checked: an export that
     # fails (a mismatch, a full disk, Ctrl-C) leaves nothing, and the next one gets the same name.
+    reference = training_reference(path, model)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as staging:
-        errors = _write(module, model, formats, tolerance, Path(staging))
+        errors = _write(module, model, formats, tolerance, Path(staging), reference)
         os.replace(staging, out)
         Path(staging).mkdir()  # for TemporaryDirectory's own clean-up
     for fmt in formats:
@@ -111,10 +115,34 @@ def export(
     return errors
 
 
+def training_reference(path: Path, model: nn.Module, n: int = 10_000) -> Optional[Reference]:
+    """The drift reference of the model on (a seeded sample of) the data it was trained on, read as its checkpoint's
+    config says; None, said in one line, when that data cannot be read here."""
+    from mnist_dlops.checkpoints import STATE_KEY, load_checkpoint
+    from mnist_dlops.data import MNISTDataModule
+    from mnist_dlops.dvc_data import version_label
+    from mnist_dlops.errors import UserError
+
+    config = yaml.safe_load(load_checkpoint(path).get(STATE_KEY, {}).get("config") or "{}") or {}
+    try:
+        data = MNISTDataModule(**{**(config.get("data") or {}), "download": False})
+        data.setup("fit")
+    except (UserError, OSError, TypeError) as err:
+        print(f"drift reference: skipped, the training data cannot be read here ({str(err).splitlines()[0][:160]})")
+        return None
+    images = data.splits["train"][0][:, 0].numpy()
+    sample = np.random.default_rng(0).permutation(len(images))[:n]
+    version = data.data_version.as_dict() if data.data_version else None
+    return reference_of(model, images[np.sort(sample)], version_label(version))
+
+
 def _write(module: MNISTModule, model: Probabilities, formats: Sequence[Format], tolerance: float,
-           out: Path) -> dict[str, float]:
-    """Each export and ``classes.txt`` into ``out``, each checked against the checkpoint's own outputs."""
+           out: Path, reference: Optional[Reference] = None) -> dict[str, float]:
+    """Each export, ``classes.txt`` and the drift reference into ``out``, each export checked against the
+    checkpoint's own outputs."""
     (out / "classes.txt").write_text("\n".join(model.class_names) + "\n")
+    if reference is not None:
+        reference.save(out)
     images = sample_images()
     with torch.no_grad():
         # The reference is the checkpoint's module itself, not the wrapper: the wrapper is what is being checked.

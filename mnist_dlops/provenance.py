@@ -44,23 +44,24 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def data_fingerprint(root: Path, files: Iterable[Path]) -> str:
+def data_fingerprint(root: Path, files: Iterable[Path], cache: bool = True) -> str:
     """SHA-256 of the manifest of ``files`` (path relative to ``root``, size, SHA-256), in path order.
 
     File hashes are cached in ``root/.mnist_dlops_fingerprint.json`` by (size, mtime, ctime): a file rewritten and
     given its old mtime back (``touch -d``) still has a new ctime, which no user tool sets. A read-only folder (a
-    shared copy) is simply hashed again next time.
+    shared copy) is simply hashed again next time, and so is one that ``cache`` is false for (a folder DVC tracks:
+    a file added to it would make it a new data version).
     """
     cache_file = root / CACHE_NAME
     try:
-        cache: dict[str, Any] = json.loads(cache_file.read_text())
+        known_files: dict[str, Any] = json.loads(cache_file.read_text())
     except (OSError, ValueError):
-        cache = {}
+        known_files = {}
     manifest, fresh = [], {}
     for path in sorted(files):
         rel = path.relative_to(root).as_posix()
         info = path.stat()
-        known = cache.get(rel)
+        known = known_files.get(rel)
         stamp = {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "ctime_ns": info.st_ctime_ns}
         if known and all(known.get(key) == value for key, value in stamp.items()):
             sha = known["sha256"]
@@ -69,7 +70,7 @@ def data_fingerprint(root: Path, files: Iterable[Path]) -> str:
         fresh[rel] = {**stamp, "sha256": sha}
         manifest.append(f"{rel}\t{info.st_size}\t{sha}")
     # A folder without write permission (a shared, read-only copy) is left untouched, even by root.
-    if fresh != cache and root.stat().st_mode & stat_module.S_IWUSR:
+    if cache and fresh != known_files and root.stat().st_mode & stat_module.S_IWUSR:
         try:
             tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(fresh, indent=0))
@@ -139,15 +140,21 @@ def environment() -> dict[str, Any]:
     }
 
 
-def run_fingerprint(run_dir: Path) -> Optional[str]:
-    """The data fingerprint a training run recorded in its ``provenance.yaml``; None if it has no readable record."""
+def run_data(run_dir: Path) -> dict[str, Any]:
+    """The data a training run recorded in its ``provenance.yaml`` (fingerprint, DVC version...); {} if unreadable."""
     import yaml
 
     try:
         record = yaml.safe_load((run_dir / "provenance.yaml").read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-    return ((record or {}).get("data") or {}).get("fingerprint") if isinstance(record, dict) else None
+        return {}
+    return ((record or {}).get("data") or {}) if isinstance(record, dict) else {}
+
+
+def run_fingerprint(run_dir: Path) -> Optional[str]:
+    """The data fingerprint a training run recorded in its ``provenance.yaml``; None if it has no readable record."""
+    return run_data(run_dir).get("fingerprint")
+
 
 
 def free_name(folder: Path, stem: str, suffix: str) -> Path:
@@ -167,7 +174,7 @@ def _described(datamodule: Any) -> Any:
     """The data files a fingerprint covers: their names (IDX), or how many (a PNG tree)."""
     if not hasattr(datamodule, "data_files"):  # a data module of the user's own
         return None
-    files = [p.relative_to(datamodule.data_dir).as_posix() for p in datamodule.data_files()]
+    files = [p.relative_to(datamodule.read_dir).as_posix() for p in datamodule.data_files()]
     return files if len(files) <= 10 else f"{len(files)} files"
 
 
@@ -216,6 +223,8 @@ class RunConfigSaver(SaveConfigCallback):
             "note": run.get("note"),
             "data": {
                 "fingerprint": getattr(datamodule, "fingerprint", None),
+                # The DVC data version read (hash, the git commit of its pointer, tags); null: not tracked by DVC.
+                "version": version.as_dict() if (version := getattr(datamodule, "data_version", None)) else None,
                 "files": _described(datamodule),
                 "data_dir": str(getattr(datamodule, "data_dir", "")),
                 "source": getattr(datamodule, "source", None),
@@ -254,6 +263,9 @@ class RunConfigSaver(SaveConfigCallback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         self.provenance.update(end, metrics=dict(sorted(metrics.items())))
         self._write_provenance()
+        # The same metrics alone, as JSON (metrics.json, metrics.test.json...): what DVC's metrics and plots read.
+        metrics_file = self._provenance_file.with_name(self._provenance_file.name.replace("provenance", "metrics", 1))
+        metrics_file.with_suffix(".json").write_text(json.dumps(self.provenance["metrics"], indent=1) + "\n")
         for tracker in tracker_keys(trainer.loggers).values():
             tracker.log_run_end(end)
 

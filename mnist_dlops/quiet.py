@@ -20,7 +20,9 @@ WARNINGS = [
 ]
 # Loggers whose warnings concern packages we do not use: torch's ONNX exporter lists torchvision's operators it
 # skips because torchvision is not installed (we export no torchvision operator).
-LOGGERS = ["torch.onnx._internal.exporter._registration"]
+LOGGERS = ["torch.onnx._internal.exporter._registration",
+           # MLflow's note that it creates (or migrates) an empty store's tables: its bookkeeping, on first use.
+           "mlflow.store.db.utils"]
 
 
 @contextmanager

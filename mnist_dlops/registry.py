@@ -20,6 +20,7 @@ import contextlib
 import io
 import logging
 import re
+import shutil
 import tempfile
 import uuid
 import warnings
@@ -28,9 +29,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from mnist_dlops.dvc_data import version_label
 from mnist_dlops.errors import ConfigError, UserError, user_errors
 from mnist_dlops.export import export, rebuild, sample_images
 from mnist_dlops.restore import resolve_ckpt, run_checkpoint
+from mnist_dlops.serve.monitoring import REFERENCE_FILE
 from mnist_dlops.trackers.mlflow import RUN_ID_FILE, artifact_root, store_uri
 from mnist_dlops.trust import check_url, redact
 
@@ -113,17 +116,17 @@ def sweep_best(study: str, runs_dir: str, storage: Optional[str] = None) -> Path
     return Path(best.user_attrs["run_dir"])
 
 
-def _run_record(run_dir: Path) -> tuple[Optional[str], dict[str, float]]:
-    """The training run's data fingerprint and its last validation and test metrics (from its own records)."""
-    from mnist_dlops.provenance import run_fingerprint
+def _run_record(run_dir: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    """The data a training run recorded (fingerprint, DVC version) and its last val/test metrics (its own records)."""
+    from mnist_dlops.provenance import run_data
     from mnist_dlops.runs import run_row
 
     try:
         row = run_row(run_dir)
     except (OSError, ValueError):  # a checkpoint copied out of its run: no records beside it
-        return None, {}
+        return {}, {}
     metrics = {k: float(v) for k, v in row.items() if k.startswith(("val/", "test/")) and v == v and v is not None}
-    return run_fingerprint(run_dir), metrics
+    return run_data(run_dir), metrics
 
 
 def _mlflow_run(client: Any, run_dir: Path, metrics: dict[str, float]) -> str:
@@ -182,6 +185,8 @@ def _log_model(client: Any, file: Path, fmt: Format, class_names: list[str], met
                 torch.jit.load(str(file)), str(folder), pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
                 serialization_format="pickle", **common,
             )
+        if (file.parent / REFERENCE_FILE).is_file():  # the drift reference, loaded with the model by the server
+            shutil.copy(file.parent / REFERENCE_FILE, folder / REFERENCE_FILE)
         client.log_artifacts(run_id, str(folder), artifact_path)
     return f"runs:/{run_id}/{artifact_path}"
 
@@ -244,7 +249,8 @@ def register(
         client = _client(runs_dir, tracking_uri)
         existed = check_name(client, name)
     run_dir = path.parent.parent
-    fingerprint, metrics = _run_record(run_dir)
+    data, metrics = _run_record(run_dir)
+    fingerprint, data_version = data.get("fingerprint"), data.get("version") or {}
     metadata = {"class_names": list(module.class_names), "data_fingerprint": fingerprint,
                 "input": "uint8 [N, 1, 28, 28], white digit on black (0-255), as mnist_dlops.sources.to_mnist_image",
                 "output": "class probabilities [N, num_classes], in class_names order", "checkpoint": str(path)}
@@ -258,7 +264,10 @@ def register(
         if not existed:
             client.create_registered_model(name, description="MNIST digit classifier (mnist-dlops)")
         tags = {"run_dir": str(run_dir), "checkpoint": str(path), "format": format,
-                "data_fingerprint": fingerprint or "", **{k: f"{v:.6g}" for k, v in metrics.items()}}
+                "data_fingerprint": fingerprint or "", **{k: f"{v:.6g}" for k, v in metrics.items()},
+                # The DVC data version the run trained on: its folder, DVC hash, pointer commit and tags.
+                **{f"data_version.{k}": ",".join(v) if isinstance(v, list) else str(v)
+                   for k, v in data_version.items() if v is not None and k in ("path", "md5", "commit", "tags", "rev")}}
         version = client.create_model_version(name, source, run_id=run_id, tags=tags).version
         if alias:
             client.set_registered_model_alias(name, alias, version)
@@ -338,6 +347,9 @@ def _versions(client: Any, name: Optional[str]) -> list[dict[str, Any]]:
                 **{m: v.tags.get(m, "") for m in SHOWN_METRICS},
                 "run": Path(v.tags.get("run_dir", "")).name, "run_id": (v.run_id or "")[:8],
                 "data": v.tags.get("data_fingerprint", "")[:12], "format": v.tags.get("format", ""),
+                "data_version": version_label({"tags": [t for t in v.tags.get("data_version.tags", "").split(",") if t],
+                                               "commit": v.tags.get("data_version.commit"),
+                                               "md5": v.tags.get("data_version.md5")}) if "data_version.md5" in v.tags else "",
                 "date": datetime.fromtimestamp(v.creation_timestamp / 1000).strftime("%Y-%m-%d %H:%M"),
             })
     return sorted(rows, key=lambda r: (r["name"], -r["version"]))

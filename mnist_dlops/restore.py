@@ -116,6 +116,7 @@ def checkpoint_config(checkpoint: dict[str, Any], subcommand: str, path: Path) -
         )
     config = yaml.safe_load(saved)
     config.pop("ckpt_path", None)
+    config.pop("run_dir", None)  # a resume continues in the checkpoint's own run
     if subcommand == "fit":
         return config
     trainer = config.get("trainer") or {}

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
 
+from mnist_dlops.dvc_data import version_label
+
 if TYPE_CHECKING:  # pandas is imported by the table's functions only: the CLI claims run folders without it
     import pandas as pd
 
@@ -151,6 +153,7 @@ def run_row(run: Path) -> dict[str, object]:
     sweep = provenance.get("sweep") or {}
     row["sweep"], row["trial"], row["state"] = sweep.get("study", ""), sweep.get("trial", ""), sweep.get("state", "")
     row["data"] = ((provenance.get("data") or {}).get("fingerprint") or "")[:12]
+    row["data_version"] = version_label((provenance.get("data") or {}).get("version"))
     code = provenance.get("code") or {}
     row["commit"] = (code.get("commit") or "")[:10] + ("+dirty" if code.get("dirty") else "")
     # Tracker-independent last values first (fit, then each later evaluation), then the curves' best val/*.
@@ -185,7 +188,7 @@ def runs_table(runs_dir: Path) -> pd.DataFrame:
 
 
 # What the table shows in a terminal; ``--csv`` and ``--all_columns`` have the rest.
-COMPACT = ["run", "sweep", "trial", "state", "model", "task", "lr", "batch_size", "epochs", "tags",
+COMPACT = ["run", "sweep", "trial", "state", "model", "task", "lr", "batch_size", "epochs", "tags", "data_version",
            "val/acc", "val/loss", "test/acc", "date"]
 _CONDITION = re.compile(r"\s*([^<>=!,]+?)\s*(>=|<=|!=|=|>|<)\s*(.*?)\s*")
 

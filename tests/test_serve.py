@@ -364,7 +364,8 @@ def test_a_strangers_registered_model_never_runs_code(lab: Path, tmp_path: Path)
         with pytest.raises(CheckpointError, match=refusal):
             resolve(f"models:/evil/{version}", None, runs_dir)
     served = resolve("models:/evil/3", None, runs_dir)
-    with pytest.raises(RuntimeError):  # TorchScript's own unpickler resolves no Python global
+    # TorchScript's own unpickler resolves no Python global: the load fails, as one line naming the version.
+    with pytest.raises(CheckpointError, match="cannot be loaded as torchscript"):
         check(served)
     # Through the command, as a user would run it: one line, exit 2, and the server never starts.
     done = subprocess.run([sys.executable, "-m", "mnist_dlops.serve", "--model", "models:/evil/1",

@@ -204,7 +204,7 @@ def _image_body(body: bytes, headers: dict[str, str]) -> bytes:
 
 
 async def _reply(send: Send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
+    body = json.dumps({"detail": detail}, separators=(",", ":")).encode()  # as FastAPI's JSONResponse writes it
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
@@ -239,7 +239,10 @@ def build_server(served: ServedModel, workers: int = 1, max_batch_size: int = 16
         return JSONResponse(metadata)
 
     # LitServe's constructor has registered its own GET / ("litserve running"); the first matching route wins,
-    # so ours go to the front of the router's (public) list of routes.
+    # so ours go to the front of the router's (public) list of routes. FastAPI's /docs and /redoc pages load their
+    # scripts from a CDN (blank offline) and are not our documented API: removed, with the schema they read.
     ours = [route for route in server.app.router.routes if getattr(route, "endpoint", None) in (index, describe)]
-    server.app.router.routes[:] = ours + [route for route in server.app.router.routes if route not in ours]
+    hidden = {server.app.docs_url, server.app.redoc_url, server.app.openapi_url, "/docs/oauth2-redirect"}
+    server.app.router.routes[:] = ours + [route for route in server.app.router.routes
+                                          if route not in ours and getattr(route, "path", None) not in hidden]
     return server

@@ -21,6 +21,7 @@ import yaml
 from torch import Tensor
 
 from mnist_dlops.errors import CheckpointError, ConfigError
+from mnist_dlops.serve.monitoring import Reference
 
 Format = Literal["checkpoint", "torchscript", "onnx"]
 Forward = Callable[[Tensor], Tensor]  # uint8 [N, 1, 28, 28] -> float32 probabilities [N, num_classes]
@@ -38,6 +39,7 @@ class ServedModel:
     data_fingerprint: Optional[str] = None
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    reference: Optional[Reference] = None  # the training data's statistics, for input drift; None: no drift metrics
 
     def metadata(self) -> dict[str, Any]:
         """What ``GET /metadata`` answers: the model, its classes, and the input the API takes."""
@@ -45,6 +47,7 @@ class ServedModel:
             "model": {"name": self.name, "version": self.version, "format": self.format, "source": self.source},
             "classes": self.class_names,
             "data_fingerprint": self.data_fingerprint,
+            "data_version": self.reference.data_version if self.reference else "",
             "input": {
                 "image": "POST /predict with a PNG/JPEG body, a multipart upload, or JSON {\"image\": <base64>}",
                 "arrays": "JSON {\"images\": [28x28 arrays of 0-255]}, white digit on black, as MNIST",
@@ -92,15 +95,16 @@ def is_torchscript(path: Path) -> bool:
 
 def from_checkpoint(ckpt_path: str, runs_dir: str = "lightning_logs") -> ServedModel:
     """A checkpoint (``best``/``last``, a run folder, or a file), checked as every entry point checks one."""
-    from mnist_dlops.export import rebuild
+    from mnist_dlops.export import Probabilities, rebuild, training_reference
     from mnist_dlops.provenance import run_fingerprint
     from mnist_dlops.restore import resolve_ckpt
 
     path = resolve_ckpt(ckpt_path, Path(runs_dir)).resolve()
     module = rebuild(path)  # fails here, in the parent, rather than in every worker
     run_dir = path.parent.parent
+    reference = training_reference(path, Probabilities(module).eval())
     return ServedModel(path, "checkpoint", list(module.class_names), run_dir.name, None, run_fingerprint(run_dir),
-                       str(path))
+                       str(path), reference=reference)
 
 
 def from_export(path: str) -> ServedModel:
@@ -113,10 +117,12 @@ def from_export(path: str) -> ServedModel:
         raise ConfigError(f"model={path}: no classes.txt beside it (python -m mnist_dlops.export writes one)")
     class_names = classes.read_text().split()
     if file.suffix == ".onnx":
-        return ServedModel(file.resolve(), "onnx", class_names, file.parent.name, source=str(file))
+        return ServedModel(file.resolve(), "onnx", class_names, file.parent.name, source=str(file),
+                           reference=Reference.load(file.parent))
     if not is_torchscript(file):
         raise CheckpointError(f"{file}: not a TorchScript archive; the server loads TorchScript or ONNX only")
-    return ServedModel(file.resolve(), "torchscript", class_names, file.parent.name, source=str(file))
+    return ServedModel(file.resolve(), "torchscript", class_names, file.parent.name, source=str(file),
+                       reference=Reference.load(file.parent))
 
 
 def from_registry(uri: str, runs_dir: str = "lightning_logs", tracking_uri: Optional[str] = None,
@@ -176,7 +182,8 @@ def from_registry(uri: str, runs_dir: str = "lightning_logs", tracking_uri: Opti
     class_names = [str(c) for c in metadata.get("class_names") or []]
     if not class_names:
         raise CheckpointError(f"model={uri}: records no class_names (register it with python -m mnist_dlops.registry)")
-    return ServedModel(file, fmt, class_names, name, str(version.version), metadata.get("data_fingerprint"), uri)
+    return ServedModel(file, fmt, class_names, name, str(version.version), metadata.get("data_fingerprint"), uri,
+                       reference=Reference.load(folder))
 
 
 def resolve(model: Optional[str], ckpt_path: Optional[str], runs_dir: str = "lightning_logs",
