@@ -70,10 +70,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt: Path, port: int, workers: int, max_batch_size: int, batch_timeout: float) -> subprocess.Popen:
+def start_server(ckpt: Path, port: int, workers: int, max_batch_size: int, batch_timeout: float,
+                 monitor: bool = True) -> subprocess.Popen:
     process = subprocess.Popen(
         [sys.executable, "-m", "mnist_dlops.serve", "--ckpt_path", str(ckpt), "--port", str(port),
-         "--workers", str(workers), "--max_batch_size", str(max_batch_size), "--batch_timeout", str(batch_timeout)],
+         "--workers", str(workers), "--max_batch_size", str(max_batch_size), "--batch_timeout", str(batch_timeout),
+         "--monitor", str(monitor).lower()],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
@@ -88,6 +90,16 @@ def start_server(ckpt: Path, port: int, workers: int, max_batch_size: int, batch
         time.sleep(0.5)
     os.killpg(process.pid, signal.SIGKILL)
     raise SystemExit("the server did not become healthy within two minutes")
+
+
+def stop(server: subprocess.Popen) -> None:
+    """SIGTERM to the server's processes; SIGKILL to whatever is left a minute later."""
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
 
 
 def _ms(value: str) -> float:
@@ -179,6 +191,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10, help="per load measurement")
     parser.add_argument("--rate", type=int, default=300, help="offered load of the open-loop measurement")
     parser.add_argument("--soak", type=int, default=10_000)
+    parser.add_argument("--monitoring_rounds", type=int, default=3,
+                        help="rounds of the monitoring on/off comparison at 50 connections (0: skip it)")
+    parser.add_argument("--monitoring_only", action="store_true", help="only the monitoring on/off comparison")
     args = parser.parse_args()
 
     data_dir = Path(args.data_dir).resolve()
@@ -196,6 +211,9 @@ def main() -> None:
     body = work / "digit.png"
     body.write_bytes(png)
 
+    if args.monitoring_only:
+        compare_monitoring(ckpt, body, args)
+        return
     limit = in_process_rate(ckpt, png)
     port = free_port()
     server = start_server(ckpt, port, args.workers, args.max_batch_size, args.batch_timeout)
@@ -211,8 +229,7 @@ def main() -> None:
         soak_s = time.perf_counter() - started
         rss_after = server_rss(server)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop(server)
 
     print(f"\nserver: {args.workers} workers, max_batch_size {args.max_batch_size}, batch_timeout {args.batch_timeout}; "
           f"request: {len(png)}-byte PNG body")
@@ -226,6 +243,34 @@ def main() -> None:
           f"answered 4xx, {wrong} wrong; server memory {rss_before:.0f} MB -> {rss_after:.0f} MB")
     print(f"ratio_vs_inprocess={fifty[0] / limit:.2f} p99_50_ms={fifty[2]:.1f} p99_open_ms={opened[2]:.1f} "
           f"soak_wrong={wrong} rss_growth_mb={rss_after - rss_before:.0f}")
+    if args.monitoring_rounds:
+        compare_monitoring(ckpt, body, args)
+
+
+def compare_monitoring(ckpt: Path, body: Path, args: argparse.Namespace) -> None:
+    """Throughput and p99 at 50 connections with /metrics and drift counting on and off, in alternating rounds
+    (a fresh server each time, the order swapped every round): what monitoring costs, side by side."""
+    import statistics
+
+    results: dict[bool, list[tuple[float, float, float]]] = {True: [], False: []}
+    for round_ in range(args.monitoring_rounds):
+        for monitor in ((True, False) if round_ % 2 == 0 else (False, True)):
+            port = free_port()
+            server = start_server(ckpt, port, args.workers, args.max_batch_size, args.batch_timeout, monitor)
+            try:
+                url = f"http://127.0.0.1:{port}/predict"
+                wrk(url, body, 50, 3)  # warm-up
+                results[monitor].append(wrk(url, body, 50, args.seconds))
+            finally:
+                stop(server)
+    on, off = ({key: statistics.median(r[i] for r in results[flag]) for i, key in enumerate(("rps", "p50", "p99"))}
+               for flag in (True, False))
+    print(f"monitoring on : {on['rps']:8.0f} req/s   p99 {on['p99']:6.1f} ms   (rounds: "
+          f"{', '.join(f'{r[0]:.0f}' for r in results[True])} req/s)")
+    print(f"monitoring off: {off['rps']:8.0f} req/s   p99 {off['p99']:6.1f} ms   (rounds: "
+          f"{', '.join(f'{r[0]:.0f}' for r in results[False])} req/s)")
+    print(f"monitoring_throughput_ratio={on['rps'] / off['rps']:.3f} monitoring_p99_ratio={on['p99'] / off['p99']:.3f} "
+          "(target: throughput ratio >= 0.95)")
 
 
 if __name__ == "__main__":

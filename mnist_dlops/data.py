@@ -14,7 +14,7 @@ from torch import Tensor
 
 from mnist_dlops.batches import EpochOrder, TensorBatches
 from mnist_dlops.download import DEFAULT_MIRRORS, ensure_mnist
-from mnist_dlops.dvc_data import DataVersion, read_version, workspace_version
+from mnist_dlops.dvc_data import DataVersion, read_version, repo_root, workspace_version
 from mnist_dlops.errors import DataError
 from mnist_dlops.provenance import data_fingerprint
 from mnist_dlops.sources import IDX_FILES, find_idx, read_idx_split, read_png_folder, read_png_split
@@ -97,7 +97,9 @@ class MNISTDataModule(pl.LightningDataModule):
         """Content hash of the data files this module reads (IDX files or the PNG tree), computed once per run."""
         if self._fingerprint is None:
             files = self.data_files()  # resolves the data version first
-            self._fingerprint = data_fingerprint(self.read_dir, files, cache=self._data_version is None)
+            # No cache file inside a DVC repository: a file added to a tracked folder or a stage's output changes it.
+            cache = self._data_version is None and repo_root(self.read_dir) is None
+            self._fingerprint = data_fingerprint(self.read_dir, files, cache=cache)
         return self._fingerprint
 
     @property

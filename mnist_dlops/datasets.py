@@ -124,6 +124,10 @@ def merge(src: str, extra: str, out: Optional[str] = None) -> None:
         out: Where to write the new version (default: ``src`` itself, replaced whole).
     """
     splits = read_idx_set(Path(src))
+    if Path(extra).is_dir() and not any(Path(extra).rglob("*.png")):  # no feedback yet: the set as it is
+        write_idx_set(Path(out or src), splits)
+        print(f"no digits in {extra}: {out or src} holds {src} as it is")
+        return
     pictures, files = read_png_folder(Path(extra))
     labels = [file.parent.name for file in files]
     wrong = sorted({name for name in labels if name not in {str(d) for d in range(10)}})
@@ -262,13 +266,34 @@ def verify(path: str, record: Optional[str] = None) -> None:
     print(f"{path}: {version}")
 
 
+def feedback(out: str = "data/feedback", url: Optional[str] = None, holdout: float = 0.2,
+             tag: Optional[str] = None, runs_dir: str = "lightning_logs") -> None:
+    """The users' confirmed and corrected digits (``POST /feedback``) as a PNG data set, recorded as a data version.
+
+    Args:
+        out: The folder to write (replaced whole): ``train/<digit>/*.png`` and the held-out ``test/<digit>/*.png``.
+        url: The feedback store; default ``sqlite:///<runs_dir>/feedback.db`` (the server's default).
+        holdout: The share of distinct images kept out of training, to judge a retrained model on (by image hash:
+            an image stays on its side in every later export).
+        tag: Record the folder as a DVC data version with this git tag (``datasets add``); none: only written.
+        runs_dir: Folder of the runs (for the default store).
+    """
+    from mnist_dlops.serve.feedback import export
+
+    counts = export(url or f"sqlite:///{Path(runs_dir).resolve() / 'feedback.db'}", out, holdout)
+    print(f"{counts['items']} feedback items, {counts['distinct']} distinct images: {counts['train']} in "
+          f"{out}/train, {counts['test']} held out in {out}/test")
+    if tag:
+        add(out, tag=tag)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-    """``python -m mnist_dlops.datasets {add,list,verify,relabel,merge,png}``, with one-line errors."""
+    """``python -m mnist_dlops.datasets {add,list,verify,relabel,merge,png,feedback}``, with one-line errors."""
     from jsonargparse import CLI
 
     with user_errors():
-        CLI({"add": add, "list": list_versions, "verify": verify, "relabel": relabel, "merge": merge, "png": png},
-            args=argv)
+        CLI({"add": add, "list": list_versions, "verify": verify, "relabel": relabel, "merge": merge, "png": png,
+             "feedback": feedback}, args=argv)
 
 
 if __name__ == "__main__":

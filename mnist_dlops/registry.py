@@ -374,11 +374,13 @@ def list_versions(name: Optional[str] = None, runs_dir: str = "lightning_logs",
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """``python -m mnist_dlops.registry {register,alias,list}``, with one-line errors."""
+    """``python -m mnist_dlops.registry {register,alias,list,promote}``, with one-line errors."""
     from jsonargparse import CLI
 
+    from mnist_dlops.promote import promote
+
     with user_errors():
-        CLI({"register": register, "alias": alias, "list": list_versions}, args=argv)
+        CLI({"register": register, "alias": alias, "list": list_versions, "promote": promote}, args=argv)
 
 
 if __name__ == "__main__":

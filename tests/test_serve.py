@@ -276,9 +276,22 @@ def test_the_page_in_chromium_reads_a_drawn_seven(lab: Path, server: str, mnist_
                                  ".getImageData(0, 0, 28, 28).data).filter((v, i) => i % 4 == 0 && v > 0).length")
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "serve-page.png"))
+            # The user says it is a 1, not a 7 (a correction): the page sends it and shows it stored.
+            page.locator("#digits button[data-label='1']").click()
+            page.wait_for_function("document.getElementById('thanks').dataset.stored", timeout=30_000)
+            stored = int(page.evaluate("document.getElementById('thanks').dataset.stored"))
+            shown = np.array(page.evaluate("lastAnswer.image"), dtype=np.uint8)
+            page.screenshot(path=str(ARTIFACTS / "serve-page-feedback.png"))
         finally:
             browser.close()
     assert predicted == "7" and bars == 10 and seen > 50
+    import sqlite3
+
+    with sqlite3.connect(lab / "lightning_logs/feedback.db") as db:
+        label, before, image = db.execute("SELECT label, predicted, image FROM feedback WHERE id = ?",
+                                          (stored,)).fetchone()
+    assert (label, before) == ("1", "7")
+    assert (np.frombuffer(image, dtype=np.uint8).reshape(28, 28) == shown).all()  # the image the model saw
 
 
 def _dds() -> bytes:

@@ -8,10 +8,12 @@ Then open http://127.0.0.1:8000/ and draw, or ``curl -F image=@digit.png http://
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Literal, Optional
 
 from mnist_dlops.errors import ConfigError, user_errors
@@ -57,6 +59,11 @@ def serve(
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "warning",
     runs_dir: str = "lightning_logs",
     tracking_uri: Optional[str] = None,
+    monitor: bool = True,
+    feedback: bool = True,
+    feedback_url: Optional[str] = None,
+    feedback_per_minute: int = 30,
+    reload_interval: float = 10,
 ) -> None:
     """Serve a model: ``POST /predict``, ``GET /metadata``, ``GET /health``, and the draw-a-digit page at ``/``.
 
@@ -76,20 +83,69 @@ def serve(
         log_level: Uvicorn's log level (``info`` logs every request).
         runs_dir: Folder of the runs (for ``best``/``last`` and the default MLflow store).
         tracking_uri: The MLflow store; default ``MLFLOW_TRACKING_URI``, else ``sqlite:///<runs_dir>/mlflow.db``.
+        monitor: Serve Prometheus metrics at ``GET /metrics`` (requests, latency, batch sizes, predictions,
+            confidence, input drift against the training data), counted across every worker.
+        feedback: Take users' corrections at ``POST /feedback`` (and on the page): each prediction carries a signed
+            ``prediction_id`` to send back with the right label.
+        feedback_url: Where feedback is stored: an SQLAlchemy URL (``sqlite:///...``, ``postgresql://...``);
+            default ``sqlite:///<runs_dir>/feedback.db``.
+        feedback_per_minute: Feedback items accepted a minute from one client (more: 429).
+        reload_interval: For a model served by alias (``models:/<name>@production``): seconds between looks at the
+            registry; when the alias moves, the workers switch to the new version without a restart (0: never).
     """
-    from mnist_dlops.serve.api import build_server
-    from mnist_dlops.serve.model import check, resolve
-
     check_options(host, port, workers, max_batch_size, batch_timeout, max_upload_mb, threads, api_servers)
-    served = resolve(model, ckpt_path, runs_dir, tracking_uri)
-    check(served)
-    server = build_server(served, workers=workers, max_batch_size=max_batch_size, batch_timeout=batch_timeout,
-                          max_upload_mb=max_upload_mb, accelerator=accelerator, threads=threads)
-    version = f" version {served.version}" if served.version else ""
-    print(f"serving {served.name}{version} ({served.format}, classes {','.join(served.class_names)}) "
-          f"on http://{host}:{port}/  (POST /predict, GET /metadata, GET /health)", flush=True)
-    with stop_on_sigterm():
-        server.run(host=host, port=port, num_api_servers=api_servers, log_level=log_level, generate_client_file=False)
+    if feedback_per_minute < 1 or reload_interval < 0:
+        key, value = ("feedback_per_minute", feedback_per_minute) if feedback_per_minute < 1 else (
+            "reload_interval", reload_interval)
+        raise ConfigError(f"{key}={value}: must be {'>= 1' if key == 'feedback_per_minute' else '>= 0'}")
+    with metrics_folder() if monitor else contextlib.nullcontext():
+        from mnist_dlops.serve.api import build_server  # after the metrics folder is set: prometheus_client reads it
+        from mnist_dlops.serve.model import check, resolve
+
+        served = resolve(model, ckpt_path, runs_dir, tracking_uri)
+        check(served)
+        store, secret = None, b""
+        if feedback:
+            from mnist_dlops.serve.feedback import FeedbackStore, load_secret
+
+            store = FeedbackStore(feedback_url or f"sqlite:///{Path(runs_dir).resolve() / 'feedback.db'}")
+            secret = load_secret(Path(runs_dir))
+        server = build_server(served, workers=workers, max_batch_size=max_batch_size, batch_timeout=batch_timeout,
+                              max_upload_mb=max_upload_mb, accelerator=accelerator, threads=threads, monitor=monitor,
+                              feedback=store, feedback_secret=secret, feedback_per_minute=feedback_per_minute,
+                              reload_interval=reload_interval if (model or "").startswith("models:/") else 0)
+        version = f" version {served.version}" if served.version else ""
+        drift = "" if not monitor else ", GET /metrics" + ("" if served.reference else " (no drift: no reference)")
+        print(f"serving {served.name}{version} ({served.format}, classes {','.join(served.class_names)}) "
+              f"on http://{host}:{port}/  (POST /predict, GET /metadata, GET /health{drift})", flush=True)
+        with stop_on_sigterm():
+            server.run(host=host, port=port, num_api_servers=api_servers, log_level=log_level,
+                       generate_client_file=False)
+
+
+@contextmanager
+def metrics_folder() -> Iterator[None]:
+    """``PROMETHEUS_MULTIPROC_DIR`` for this server: every process it starts counts into its own files there and
+    ``/metrics`` adds them up. A fresh folder, removed after (or the one the environment names, emptied first, as
+    prometheus_client asks: files of earlier processes would be counted again)."""
+    import shutil
+    import tempfile
+
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        os.makedirs(given, exist_ok=True)
+        for name in os.listdir(given):
+            if name.endswith(".db"):
+                os.unlink(os.path.join(given, name))
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="mnist-dlops-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    try:
+        yield
+    finally:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def check_options(host: str, port: int, workers: int, max_batch_size: int, batch_timeout: float,

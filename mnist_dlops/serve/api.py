@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import os
+import time
 from email.parser import BytesParser
 from email.policy import HTTP
 from importlib import resources
@@ -21,12 +23,14 @@ from typing import Any, Optional
 import litserve as ls
 import numpy as np
 import torch
-from fastapi import HTTPException
+from fastapi import HTTPException, Request  # Request at module level: FastAPI resolves the route's annotations here
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mnist_dlops.errors import DataError
-from mnist_dlops.serve.model import ServedModel
+from mnist_dlops.serve.feedback import FeedbackStore, RateLimit, sign, verify
+from mnist_dlops.serve.model import ServedModel, promoted
+from mnist_dlops.serve.monitoring import Metrics, RequestMetrics, exposition
 from mnist_dlops.sources import ImageTooLarge, decode_image
 
 MAX_IMAGES = 256  # images in one JSON batch
@@ -35,14 +39,22 @@ MAX_IMAGES = 256  # images in one JSON batch
 class DigitAPI(ls.LitAPI):
     """Images in, class probabilities out; requests batched across clients up to ``max_batch_size``."""
 
-    def __init__(self, served: ServedModel, threads: int = 1, max_batch_size: int = 16, batch_timeout: float = 0.001):
+    def __init__(self, served: ServedModel, threads: int = 1, max_batch_size: int = 16, batch_timeout: float = 0.001,
+                 monitor: bool = True, feedback_secret: Optional[bytes] = None, reload_interval: float = 0):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/predict")
         self.served = served
         self.threads = threads
+        self.monitor = monitor
+        self.metrics: Optional[Metrics] = None
+        self.feedback_secret = feedback_secret  # signs each prediction's id (POST /feedback takes it back)
+        self.reload_interval = reload_interval
+        self._next_check = 0.0
 
     def setup(self, device: str) -> None:
         torch.set_num_threads(self.threads)  # the workers share the machine's cores
         self.forward = self.served.load()
+        if self.monitor:  # in the worker process, where the predictions are: counted into the shared folder
+            self.metrics = Metrics(model_labels(self.served), self.served.reference)
 
     def decode_request(self, request: dict) -> Any:
         """(uint8 images [k, 28, 28], whether the request was a JSON batch, whether to return the 28x28 image), or
@@ -52,30 +64,53 @@ class DigitAPI(ls.LitAPI):
             if not isinstance(request, dict):
                 raise HTTPException(400, "expected a JSON object with \"image\" (base64) or \"images\" (28x28 arrays)")
             if "image" in request:
-                return _image(request["image"]), False, bool(request.get("return_image"))
+                image = _image(request["image"])
+                upload = hashlib.sha256(str(request["image"]).encode()).hexdigest()
+                return image, False, bool(request.get("return_image")), [upload]
             if "images" in request:
-                return _arrays(request["images"]), True, False
+                images = _arrays(request["images"])
+                return images, True, False, [hashlib.sha256(image.tobytes()).hexdigest() for image in images]
             raise HTTPException(400, f"no \"image\" or \"images\" key in the JSON body (keys: {sorted(request)[:5]})")
         except HTTPException as err:
             return err
+
+    def _switch_if_promoted(self) -> None:
+        """Serve the version the registry alias names now, if it moved: loaded here, between two batches, so no
+        request fails during the switch (the batch that finds it waits for the load)."""
+        self._next_check = time.monotonic() + self.reload_interval
+        try:
+            now = promoted(self.served)
+        except Exception as err:  # noqa: BLE001 - the registry unreachable for a moment: keep serving what runs
+            print(f"model switch: registry not readable ({type(err).__name__}); still serving "
+                  f"{self.served.name} version {self.served.version}", flush=True)
+            return
+        if now is not None and now.version != self.served.version:
+            self.forward, self.served = now.load(), now
+            if self.metrics is not None:
+                self.metrics.switched(model_labels(now), now.reference)
+            print(f"model switch: now serving {now.name} version {now.version}", flush=True)
 
     def batch(self, inputs: list) -> list:
         return inputs  # requests carry different numbers of images: stacked in predict, split back there
 
     def predict(self, inputs: Any) -> Any:
+        if self.reload_interval and time.monotonic() >= self._next_check:
+            self._switch_if_promoted()
         batched = self.max_batch_size > 1
         items = inputs if batched else [inputs]
         valid = [item for item in items if not isinstance(item, HTTPException)]
         if valid:
-            images = torch.from_numpy(np.concatenate([images for images, _, _ in valid]))[:, None]
-            probs = self.forward(images).float().numpy()
+            stacked = np.concatenate([item[0] for item in valid])
+            probs = self.forward(torch.from_numpy(stacked)[:, None]).float().numpy()
+            if self.metrics is not None:
+                self.metrics.observe(stacked, probs, self.served.class_names)
         outputs, start = [], 0
         for item in items:
             if isinstance(item, HTTPException):
                 outputs.append(item)
                 continue
-            images, is_batch, return_image = item
-            outputs.append((probs[start : start + len(images)], images, is_batch, return_image))
+            images, is_batch, return_image, uploads = item
+            outputs.append((probs[start : start + len(images)], images, is_batch, return_image, uploads))
             start += len(images)
         return outputs if batched else outputs[0]
 
@@ -85,12 +120,16 @@ class DigitAPI(ls.LitAPI):
     def encode_response(self, output: Any) -> Response:
         if isinstance(output, HTTPException):
             return JSONResponse({"detail": output.detail}, status_code=output.status_code)
-        probs, images, is_batch, return_image = output
+        probs, images, is_batch, return_image, uploads = output
         names = self.served.class_names
         predictions = [
             {"class": names[int(p.argmax())], "probabilities": {n: round(float(v), 6) for n, v in zip(names, p)}}
             for p in probs
         ]
+        if self.feedback_secret is not None:
+            for prediction, image, upload in zip(predictions, images, uploads):
+                prediction["prediction_id"] = sign(self.feedback_secret, image, upload, prediction["class"],
+                                                   self.served.name, self.served.version or "")
         answer: dict[str, Any] = {"predictions": predictions} if is_batch else dict(predictions[0])
         if return_image:
             answer["image"] = images[0].tolist()  # the 28x28 image the model saw
@@ -215,18 +254,35 @@ def page() -> str:
     return resources.files("mnist_dlops.serve").joinpath("page.html").read_text()
 
 
+def model_labels(served: ServedModel) -> dict[str, str]:
+    """The served model as Prometheus labels: name, version, data version, format."""
+    return {"name": served.name, "version": served.version or "", "format": served.format,
+            "data_version": served.reference.data_version if served.reference else ""}
+
+
 def build_server(served: ServedModel, workers: int = 1, max_batch_size: int = 16, batch_timeout: float = 0.001,
-                 max_upload_mb: float = 10, accelerator: str = "cpu", threads: Optional[int] = None) -> ls.LitServer:
-    """A LitServer for ``served`` with the page, ``/metadata`` and upload handling."""
+                 max_upload_mb: float = 10, accelerator: str = "cpu", threads: Optional[int] = None,
+                 monitor: bool = True, feedback: Optional[FeedbackStore] = None, feedback_secret: bytes = b"",
+                 feedback_per_minute: int = 30, reload_interval: float = 0) -> ls.LitServer:
+    """A LitServer for ``served`` with the page, ``/metadata``, upload handling, (``monitor``) ``/metrics`` and
+    (``feedback``) ``POST /feedback``; ``monitor`` needs ``PROMETHEUS_MULTIPROC_DIR`` set before anything imported
+    ``prometheus_client``. ``reload_interval``: seconds between looks at the registry alias (0: never)."""
     from fastapi.responses import HTMLResponse
 
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    api = DigitAPI(served, threads=threads, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+    api = DigitAPI(served, threads=threads, max_batch_size=max_batch_size, batch_timeout=batch_timeout,
+                   monitor=monitor, feedback_secret=feedback_secret if feedback else None,
+                   reload_interval=reload_interval)
+    middlewares: list[Any] = [(Uploads, {"max_bytes": int(max_upload_mb * 2**20)})]
+    if monitor:  # outermost: it times and counts every request, the ones Uploads answers itself included
+        routes = ("/predict", "/", "/metadata", "/health", "/metrics", "/feedback")
+        middlewares.append((RequestMetrics, {"metrics": Metrics(model_labels(served), served.reference),
+                                             "routes": routes}))
     # fast_queue asks for LitServe's ZMQ transport; litserve 0.2.19 passes it under a wrong keyword and keeps its
     # multiprocessing-manager queues (LitServe issue 751), so it takes effect only with a fixed release.
     server = ls.LitServer(
         api, accelerator=accelerator, devices=1, workers_per_device=workers, timeout=30, fast_queue=True,
-        middlewares=[(Uploads, {"max_bytes": int(max_upload_mb * 2**20)})], model_metadata=served.metadata(),
+        middlewares=middlewares, model_metadata=served.metadata(),
     )
     html, metadata = page(), served.metadata()
 
@@ -234,14 +290,60 @@ def build_server(served: ServedModel, workers: int = 1, max_batch_size: int = 16
     async def index() -> str:
         return html
 
+    current = {"served": served, "checked": time.monotonic()}
+
     @server.app.get("/metadata")
     async def describe() -> JSONResponse:
-        return JSONResponse(metadata)
+        if reload_interval and time.monotonic() - current["checked"] >= reload_interval:
+            current["checked"] = time.monotonic()
+            try:
+                current["served"] = promoted(current["served"]) or current["served"]
+            except Exception:  # noqa: BLE001, S110 - the registry unreachable for a moment: the last answer stands
+                pass
+        return JSONResponse({**metadata, **current["served"].metadata()} if reload_interval else metadata)
+
+    limit = RateLimit(feedback_per_minute)
+
+    @server.app.post("/feedback")
+    async def give_feedback(request: Request) -> JSONResponse:
+        """The right label of a prediction: ``{"prediction_id": ..., "label": "7"}``; stored before the answer."""
+        if feedback is None:
+            return JSONResponse({"detail": "feedback is off (serve --feedback true)"}, status_code=404)
+        try:
+            body = json.loads(await request.body())
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            return JSONResponse({"detail": "the JSON body does not parse"}, status_code=400)
+        if not isinstance(body, dict) or set(body) - {"prediction_id", "label"} or "prediction_id" not in body:
+            return JSONResponse({"detail": "expected {\"prediction_id\": <from /predict>, \"label\": <class>}"},
+                                status_code=400)
+        label = str(body.get("label"))
+        if label not in served.class_names:
+            return JSONResponse({"detail": f"label={label!r}: one of {', '.join(served.class_names)}"},
+                                status_code=400)
+        try:
+            prediction = verify(feedback_secret, body["prediction_id"])
+        except ValueError as err:
+            return JSONResponse({"detail": str(err)}, status_code=400)
+        client = request.client.host if request.client else "unknown"
+        if not limit.allow(client):
+            return JSONResponse({"detail": f"more than {feedback_per_minute} items a minute from {client}"},
+                                status_code=429)
+        item = feedback.add(prediction, label, client)  # committed: an acknowledged item survives a kill
+        return JSONResponse({"stored": item, "label": label, "predicted": prediction["p"],
+                             "model": {"name": prediction["m"], "version": prediction["v"]}})
+
+    @server.app.get("/metrics")
+    async def metrics() -> Response:
+        if not monitor:
+            return JSONResponse({"detail": "monitoring is off (serve --monitor true)"}, status_code=404)
+        body, content_type = exposition()
+        return Response(body, media_type=content_type)
 
     # LitServe's constructor has registered its own GET / ("litserve running"); the first matching route wins,
     # so ours go to the front of the router's (public) list of routes. FastAPI's /docs and /redoc pages load their
     # scripts from a CDN (blank offline) and are not our documented API: removed, with the schema they read.
-    ours = [route for route in server.app.router.routes if getattr(route, "endpoint", None) in (index, describe)]
+    ours = [route for route in server.app.router.routes
+            if getattr(route, "endpoint", None) in (index, describe, metrics, give_feedback)]
     hidden = {server.app.docs_url, server.app.redoc_url, server.app.openapi_url, "/docs/oauth2-redirect"}
     server.app.router.routes[:] = ours + [route for route in server.app.router.routes
                                           if route not in ours and getattr(route, "path", None) not in hidden]

@@ -183,7 +183,22 @@ def from_registry(uri: str, runs_dir: str = "lightning_logs", tracking_uri: Opti
     if not class_names:
         raise CheckpointError(f"model={uri}: records no class_names (register it with python -m mnist_dlops.registry)")
     return ServedModel(file, fmt, class_names, name, str(version.version), metadata.get("data_fingerprint"), uri,
-                       reference=Reference.load(folder))
+                       extra={"registry": location}, reference=Reference.load(folder))
+
+
+def promoted(served: ServedModel) -> Optional[ServedModel]:
+    """For a model served by alias (``models:/<name>@<alias>``): the version the alias names now, when it has moved
+    since ``served`` was loaded; None when it has not, or the model was not served by alias."""
+    import mlflow
+
+    if not served.source.startswith("models:/") or "@" not in served.source or "registry" not in served.extra:
+        return None
+    name, alias = served.source.removeprefix("models:/").split("@", 1)
+    location = served.extra["registry"]
+    version = mlflow.MlflowClient(tracking_uri=location, registry_uri=location).get_model_version_by_alias(name, alias)
+    if str(version.version) == served.version:
+        return None
+    return from_registry(served.source, tracking_uri=location)
 
 
 def resolve(model: Optional[str], ckpt_path: Optional[str], runs_dir: str = "lightning_logs",

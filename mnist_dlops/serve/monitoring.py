@@ -72,6 +72,14 @@ class Reference:
     def bins(self, name: str, column: np.ndarray) -> np.ndarray:
         return np.searchsorted(np.asarray(self.edges[name]), column, side="right")
 
+    def psi(self, name: str, column: np.ndarray) -> float:
+        """The population stability index of ``column`` against the training shares: what ``monitoring/rules.yml``
+        computes in Prometheus (shares floored at 0.001), here for a plot or a test."""
+        q = np.maximum(np.asarray(self.shares[name]), 0.001)
+        counts = np.bincount(self.bins(name, column), minlength=len(q))
+        p = np.maximum(counts / max(1, counts.sum()), 0.001)
+        return float(((p - q) * np.log(p / q)).sum())
+
     def save(self, folder: Path) -> Path:
         file = folder / REFERENCE_FILE
         file.write_text(json.dumps({"edges": self.edges, "shares": self.shares, "data_version": self.data_version},
@@ -108,24 +116,38 @@ class Metrics:
         from prometheus_client import Counter, Gauge, Histogram
 
         self.reference = reference
-        self.requests = Counter("mnist_requests", "HTTP requests by route and status", ["route", "status"])
+        # registry=None: in multiprocess mode each process writes its values to files and /metrics reads them all;
+        # no process-wide registry is involved (and a second server built in one process clashes with none).
+        self.requests = Counter("mnist_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=None)
         self.latency = Histogram("mnist_request_duration_seconds", "Time to answer a request, by route", ["route"],
-                                 buckets=(.005, .01, .025, .05, .075, .1, .25, .5, 1, 2.5, 5, 10))
+                                 buckets=(.005, .01, .025, .05, .075, .1, .25, .5, 1, 2.5, 5, 10), registry=None)
         self.batch = Histogram("mnist_batch_images", "Images per forward pass of the model",
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
-        self.predictions = Counter("mnist_predictions", "Predictions by class", ["digit"])
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=None)
+        self.predictions = Counter("mnist_predictions", "Predictions by class", ["digit"], registry=None)
         self.confidence = Histogram("mnist_confidence", "The top class probability of each prediction",
-                                    buckets=(.2, .3, .4, .5, .6, .7, .8, .9, .95, .99, 1.0))
+                                    buckets=(.2, .3, .4, .5, .6, .7, .8, .9, .95, .99, 1.0), registry=None)
         self.bins = Counter("mnist_input_bin", "Images by the training-decile bin of each statistic",
-                            ["statistic", "bin"])
-        info = Gauge("mnist_model_info", "The served model", list(model), multiprocess_mode="liveall")
-        info.labels(**model).set(1)
+                            ["statistic", "bin"], registry=None)
+        self.info = Gauge("mnist_model_info", "The served model", list(model), multiprocess_mode="mostrecent",
+                          registry=None)
+        self.model = model
+        self.info.labels(**model).set(1)
         if reference is not None:
             shares = Gauge("mnist_input_reference_share", "Each bin's share on the training data",
-                           ["statistic", "bin"], multiprocess_mode="liveall")
+                           ["statistic", "bin"], multiprocess_mode="max", registry=None)
             for name, values in reference.shares.items():
                 for i, share in enumerate(values):
                     shares.labels(name, str(i)).set(share)
+                    # Every bin exists from the start, at 0: Prometheus' increase() sees no growth in a series
+                    # whose first sample already holds the count.
+                    self.bins.labels(name, str(i))
+
+    def switched(self, model: dict[str, str], reference: Optional[Reference]) -> None:
+        """Another model version now serves: its labels, and its training data as the drift reference."""
+        self.info.labels(**self.model).set(0)
+        self.model, self.reference = model, reference
+        self.info.labels(**model).set(1)
 
     def observe(self, images: np.ndarray, probs: np.ndarray, class_names: list[str]) -> None:
         """Count one forward pass: its size, each prediction and its confidence, each statistic's bin."""

@@ -1,0 +1,160 @@
+"""Champion against challenger: a candidate model version takes the production alias only if it is not worse.
+
+    python -m mnist_dlops.registry promote mnist-digits --candidate 2 --feedback_dir data/feedback
+
+Both versions are loaded as the server loads them (TorchScript or ONNX, never pickled code) and evaluated on the
+same fixed sets: MNIST's test split and the held-out share of the users' feedback (``<feedback_dir>/test``). The
+side-by-side table (accuracy per set, per-class accuracy deltas, expected calibration error) is printed and stored
+with the candidate in MLflow (version tags and a ``gate.json`` artifact); the alias moves only if the candidate's
+accuracy is not below the champion's by more than ``tolerance`` on any set, or with ``--force``, which is recorded.
+MLflow's ``validate_evaluation_results`` wants ``mlflow.evaluate`` results of a pyfunc model; the rule here is one
+comparison per set, so it is written out instead.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from mnist_dlops.errors import ConfigError
+from mnist_dlops.sources import read_idx_split, read_png_split
+
+
+def eval_sets(mnist_dir: str, feedback_dir: Optional[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The fixed sets both versions are judged on: MNIST test, and the held-out feedback when there is one."""
+    images, labels = read_idx_split(Path(mnist_dir), "test")
+    sets = {"mnist_test": (images.numpy(), labels.numpy())}
+    if feedback_dir and any((Path(feedback_dir) / "test").rglob("*.png")):  # none held out yet: MNIST alone
+        images, labels = read_png_split(Path(feedback_dir), "test", {str(d): d for d in range(10)})
+        sets["feedback_test"] = (images.numpy(), labels.numpy())
+    return sets
+
+
+def evaluate(forward: Any, images: np.ndarray, labels: np.ndarray, classes: int) -> dict[str, Any]:
+    """Accuracy, accuracy per class and the expected calibration error (10 bins) of ``forward`` on one set."""
+    probs = []
+    with torch.inference_mode():
+        for start in range(0, len(images), 1000):
+            chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + 1000]))[:, None]
+            probs.append(forward(chunk).float().numpy())
+    p = np.concatenate(probs)
+    predicted, confidence = p.argmax(1), p.max(1)
+    correct = predicted == labels
+    per_class = {str(c): float(correct[labels == c].mean()) if (labels == c).any() else None for c in range(classes)}
+    bins = np.minimum((confidence * 10).astype(int), 9)
+    ece = sum(abs(correct[bins == b].mean() - confidence[bins == b].mean()) * (bins == b).mean()
+              for b in range(10) if (bins == b).any())
+    return {"acc": float(correct.mean()), "per_class": per_class, "ece": float(ece), "n": int(len(labels))}
+
+
+def verdict(results: dict[str, dict[str, dict[str, Any]]], tolerance: float) -> tuple[bool, list[str]]:
+    """Whether the candidate is not worse than the champion beyond ``tolerance`` on any set, and why not."""
+    worse = [f"{name}: {r['candidate']['acc']:.4f} < {r['champion']['acc']:.4f} - {tolerance}"
+             for name, r in results.items() if r["candidate"]["acc"] < r["champion"]["acc"] - tolerance]
+    return not worse, worse
+
+
+def table(results: dict[str, dict[str, dict[str, Any]]], champion: str, candidate: str) -> str:
+    lines = [f"{'set':<14} {'n':>6} {'champion v' + champion:>14} {'candidate v' + candidate:>15} {'delta':>8} "
+             f"{'ECE champ.':>10} {'ECE cand.':>10}  worst class delta"]
+    for name, r in results.items():
+        deltas = {c: (r["candidate"]["per_class"][c] or 0) - (r["champion"]["per_class"][c] or 0)
+                  for c in r["candidate"]["per_class"] if r["candidate"]["per_class"][c] is not None}
+        worst = min(deltas, key=deltas.get) if deltas else "-"
+        lines.append(f"{name:<14} {r['candidate']['n']:>6} {r['champion']['acc']:>14.4f} {r['candidate']['acc']:>15.4f} "
+                     f"{r['candidate']['acc'] - r['champion']['acc']:>+8.4f} {r['champion']['ece']:>10.4f} "
+                     f"{r['candidate']['ece']:>10.4f}  {worst}: {deltas.get(worst, 0):+.4f}")
+    return "\n".join(lines)
+
+
+def promote(
+    name: str,
+    candidate: Optional[int] = None,
+    alias: str = "production",
+    mnist_dir: str = "data/mnist",
+    feedback_dir: Optional[str] = None,
+    tolerance: float = 0.002,
+    force: bool = False,
+    runs_dir: str = "lightning_logs",
+    tracking_uri: Optional[str] = None,
+) -> bool:
+    """Compare a candidate version with the one ``alias`` names, on the same sets; move the alias if it is not worse.
+
+    Args:
+        name: The registered model.
+        candidate: The version that would take the alias; default the newest version.
+        alias: The alias of the version in service (the champion).
+        mnist_dir: The MNIST IDX folder whose test split both are judged on.
+        feedback_dir: A feedback data version (``python -m mnist_dlops.datasets feedback``): its held-out ``test/``
+            share is the second set.
+        tolerance: How much lower the candidate's accuracy may be on a set and still pass (0.002: two in a thousand).
+        force: Move the alias whatever the comparison says (recorded on the version as ``gate.forced``).
+        runs_dir: Folder of the runs (the default MLflow store).
+        tracking_uri: The MLflow store; default ``MLFLOW_TRACKING_URI``, else ``sqlite:///<runs_dir>/mlflow.db``.
+
+    Returns:
+        Whether the alias now names the candidate.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from mnist_dlops.registry import _client, check_name, store
+    from mnist_dlops.serve.model import from_registry
+
+    if tolerance < 0:
+        raise ConfigError(f"tolerance={tolerance}: must be >= 0")
+    with store(f"promote {name}"):
+        client = _client(runs_dir, tracking_uri)
+        if not check_name(client, name):
+            raise ConfigError(f"name={name}: no registered model of that name")
+        if candidate is None:
+            candidate = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        try:
+            client.get_model_version(name, str(candidate))
+        except MlflowException:
+            raise ConfigError(f"candidate={candidate}: {name} has no such version") from None
+        try:
+            champion = str(client.get_model_version_by_alias(name, alias).version)
+        except MlflowException:
+            champion = None
+    location = client.tracking_uri
+    if champion is None or champion == str(candidate):
+        with store(f"alias {name}@{alias}"):
+            client.set_registered_model_alias(name, alias, str(candidate))
+        print(f"{name}@{alias} -> version {candidate} ({'no version held it' if champion is None else 'already'})")
+        return True
+    sets = eval_sets(mnist_dir, feedback_dir)
+    models = {role: from_registry(f"models:/{name}/{version}", tracking_uri=location)
+              for role, version in (("champion", champion), ("candidate", str(candidate)))}
+    forwards = {role: served.load() for role, served in models.items()}
+    classes = len(models["candidate"].class_names)
+    results = {set_name: {role: evaluate(forwards[role], images, labels, classes) for role in forwards}
+               for set_name, (images, labels) in sets.items()}
+    passed, reasons = verdict(results, tolerance)
+    moved = passed or force
+    print(table(results, champion, str(candidate)))
+    record = {"champion": champion, "candidate": str(candidate), "alias": alias, "tolerance": tolerance,
+              "passed": passed, "forced": bool(force and not passed), "reasons": reasons, "results": results}
+    with store(f"recording the gate on {name} version {candidate}"):
+        tags = {"gate.champion": champion, "gate.passed": str(passed), "gate.forced": str(bool(force and not passed)),
+                **{f"gate.{s}.acc": f"{r['candidate']['acc']:.6f}" for s, r in results.items()},
+                **{f"gate.{s}.champion_acc": f"{r['champion']['acc']:.6f}" for s, r in results.items()}}
+        for key, value in tags.items():
+            client.set_model_version_tag(name, str(candidate), key, value)
+        run_id = client.get_model_version(name, str(candidate)).run_id
+        if run_id:
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / f"gate-v{candidate}.json").write_text(json.dumps(record, indent=1))
+                client.log_artifact(run_id, str(Path(tmp) / f"gate-v{candidate}.json"), "gate")
+        if moved:
+            client.set_registered_model_alias(name, alias, str(candidate))
+    if moved:
+        how = "forced, although: " + "; ".join(reasons) if not passed else "not worse on any set"
+        print(f"{name}@{alias} -> version {candidate} ({how})")
+    else:
+        print(f"{name}@{alias} stays on version {champion}: the candidate is worse on {'; '.join(reasons)}")
+    return moved

@@ -1,0 +1,174 @@
+"""Users' corrections of the served model: signed prediction ids, a feedback store in a real database, and the
+export of what users confirmed or corrected as a new data version.
+
+Every prediction carries a ``prediction_id``: the 28x28 image the model saw, the upload's hash, the predicted class
+and the model version, signed with the server's secret (HMAC-SHA256). ``POST /feedback`` takes it back with the
+right label; a forged or unknown id fails the signature (a 400), so nothing the server did not predict is stored,
+and no prediction needs to be kept anywhere until a user gives feedback on it. The store is SQLAlchemy on SQLite by
+default (``feedback.db`` beside the runs: one file, fsynced at every commit) or any URL of the drivers we ship
+(PostgreSQL when several servers share it); an item is committed before the answer says it is stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from mnist_dlops.errors import ConfigError, UserError
+from mnist_dlops.trust import check_url, redact
+
+SECRET_FILE = "feedback.secret"
+SECRET_ENV = "MNIST_DLOPS_FEEDBACK_SECRET"
+
+
+def load_secret(folder: Path) -> bytes:
+    """The server's signing secret: ``MNIST_DLOPS_FEEDBACK_SECRET`` (hex; the same for several servers sharing one
+    store), else kept in ``folder`` (so ids stay valid across restarts), made once."""
+    if os.environ.get(SECRET_ENV):
+        try:
+            return bytes.fromhex(os.environ[SECRET_ENV])
+        except ValueError:
+            raise ConfigError(f"{SECRET_ENV}: not hex (e.g. python -c 'import secrets; print(secrets.token_hex(32))')") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    file = folder / SECRET_FILE
+    if not file.is_file():
+        tmp = file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(secrets.token_hex(32))
+        tmp.chmod(0o600)
+        os.replace(tmp, file)
+    return bytes.fromhex(file.read_text().strip())
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def sign(secret: bytes, image: np.ndarray, upload_sha256: str, predicted: str, model: str, version: str) -> str:
+    """A prediction id: what the model saw and said, signed."""
+    payload = {"i": _b64(np.ascontiguousarray(image, dtype=np.uint8).tobytes()), "h": upload_sha256,
+               "p": predicted, "m": model, "v": version, "t": round(time.time(), 3)}
+    body = _b64(json.dumps(payload, separators=(",", ":")).encode())
+    return f"{body}.{hmac.new(secret, body.encode(), hashlib.sha256).hexdigest()[:32]}"
+
+
+def verify(secret: bytes, token: Any) -> dict[str, Any]:
+    """The prediction a signed id names; ValueError for anything else (a 400)."""
+    if not isinstance(token, str) or token.count(".") != 1 or len(token) > 4096:
+        raise ValueError("prediction_id: not an id this server gave")
+    body, mac = token.split(".")
+    if not hmac.compare_digest(mac, hmac.new(secret, body.encode(), hashlib.sha256).hexdigest()[:32]):
+        raise ValueError("prediction_id: unknown (not signed by this server)")
+    payload = json.loads(_unb64(body))
+    payload["image"] = np.frombuffer(_unb64(payload.pop("i")), dtype=np.uint8).reshape(28, 28)
+    return payload
+
+
+class FeedbackStore:
+    """Feedback items in a database: SQLite by default, any SQLAlchemy URL of the drivers we ship."""
+
+    def __init__(self, url: str) -> None:
+        from sqlalchemy import Column, Float, Integer, LargeBinary, MetaData, String, Table, create_engine
+
+        check_url("feedback_url", url)
+        if url.startswith("postgresql://"):
+            url = url.replace("postgresql://", "postgresql+psycopg2://", 1)  # the driver installed with the project
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.url = url
+        self.engine = create_engine(url)
+        self.table = Table(
+            "feedback", MetaData(),
+            Column("id", Integer, primary_key=True, autoincrement=True),
+            Column("created", Float, nullable=False),
+            Column("image", LargeBinary, nullable=False),  # the 28x28 uint8 image the model saw
+            Column("upload_sha256", String(64), nullable=False),
+            Column("predicted", String(32), nullable=False),
+            Column("label", String(32), nullable=False),
+            Column("model_name", String(256), nullable=False),
+            Column("model_version", String(64), nullable=False),
+            Column("client", String(64), nullable=False),
+        )
+        try:
+            self.table.metadata.create_all(self.engine)
+        except Exception as err:  # noqa: BLE001 - SQLAlchemy and the drivers raise many kinds for a store that fails
+            raise ConfigError(f"feedback_url={redact(url)}: cannot be opened ({str(err).splitlines()[0][:160]})") from None
+
+    def add(self, prediction: dict[str, Any], label: str, client: str) -> int:
+        """Store one item; returns its id once committed (SQLite: fsynced)."""
+        row = {"created": time.time(), "image": prediction["image"].tobytes(), "upload_sha256": prediction["h"],
+               "predicted": prediction["p"], "label": label, "model_name": prediction["m"],
+               "model_version": prediction["v"] or "", "client": client[:64]}
+        with self.engine.begin() as connection:
+            return int(connection.execute(self.table.insert().values(**row)).inserted_primary_key[0])
+
+    def items(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(self.table.select().order_by(self.table.c.id)).mappings().all()
+        return [{**row, "image": np.frombuffer(row["image"], dtype=np.uint8).reshape(28, 28)} for row in rows]
+
+
+class RateLimit:
+    """At most ``per_minute`` items a minute from one client (in this process): a flood gets a 429."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self.seen: dict[str, deque[float]] = {}
+        self.lock = threading.Lock()
+
+    def allow(self, client: str) -> bool:
+        now = time.monotonic()
+        with self.lock:
+            times = self.seen.setdefault(client, deque())
+            while times and now - times[0] > 60:
+                times.popleft()
+            if len(times) >= self.per_minute:
+                return False
+            times.append(now)
+            return True
+
+
+def export(url: str, out: str, holdout: float = 0.2, min_items: int = 0) -> dict[str, int]:
+    """The stored feedback as a PNG data set: ``<out>/train/<digit>/*.png`` and a held-out ``<out>/test/<digit>/``.
+
+    One file per distinct image (the newest label wins when the same image was labelled twice); which side an image
+    falls on is decided by its hash, so a later export keeps every earlier image on the same side. Returns counts.
+    """
+    from PIL import Image
+
+    from mnist_dlops.datasets import replacing
+
+    if not 0 <= holdout < 1:
+        raise ConfigError(f"holdout={holdout}: must be in [0, 1)")
+    items = FeedbackStore(url).items()
+    latest: dict[str, dict[str, Any]] = {}
+    for item in items:  # in id order: a later label of the same image replaces the earlier one
+        latest[hashlib.sha256(item["image"].tobytes()).hexdigest()] = item
+    if len(latest) < min_items:
+        raise UserError(f"feedback_url={redact(url)}: {len(latest)} distinct items, fewer than {min_items}")
+    counts = {"train": 0, "test": 0, "items": len(items), "distinct": len(latest)}
+    with replacing(Path(out)) as folder:
+        for split in ("train", "test"):
+            for digit in range(10):
+                (folder / split / str(digit)).mkdir(parents=True)
+        for digest, item in sorted(latest.items()):
+            split = "test" if int(digest[:8], 16) / 0xFFFFFFFF < holdout else "train"
+            target = folder / split / item["label"]
+            target.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(item["image"]).save(target / f"{digest[:16]}.png")
+            counts[split] += 1
+    return counts
