@@ -201,6 +201,15 @@ def test_the_pipeline_reruns_only_what_changed(tmp_path: Path, mnist_dir: Path) 
     assert ran(sh(root, DVC, "repro")) == ["feedback"]  # reads a database: always exported, nothing else reruns
     config["model"]["optimizer"]["init_args"]["lr"] = 0.005
     params.write_text(yaml.safe_dump(config, sort_keys=False))
+    # A stage that fails (a value the config refuses) leaves the previous outputs as they were.
+    before = {str(p.relative_to(root)): p.read_bytes() for p in (root / "pipeline/fit").rglob("*") if p.is_file()}
+    config["model"]["optimizer"]["init_args"]["lr"] = -1
+    params.write_text(yaml.safe_dump(config, sort_keys=False))
+    failed = subprocess.run([DVC, "repro"], cwd=root, capture_output=True, text=True, env=ENV, timeout=600)
+    assert failed.returncode != 0 and "model.optimizer.init_args.lr=-1" in failed.stdout + failed.stderr
+    assert {str(p.relative_to(root)): p.read_bytes() for p in (root / "pipeline/fit").rglob("*") if p.is_file()} == before
+    config["model"]["optimizer"]["init_args"]["lr"] = 0.005
+    params.write_text(yaml.safe_dump(config, sort_keys=False))
     # The param reruns fit, test, register and the retraining; the feedback export (unchanged) does not redo plus.
     assert sorted(ran(sh(root, DVC, "repro"))) == sorted(["feedback", "fit", "test", "register", "retrain",
                                                           "candidate", "promote"])

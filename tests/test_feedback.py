@@ -202,3 +202,45 @@ def test_the_loop_feedback_retrain_gate_and_hot_switch(tmp_path: Path, mnist_dir
     finally:
         running.clear()
         stop_group(server)
+
+
+@pytest.mark.slow  # a PostgreSQL server and a model server: in `pytest -m slow` and CI (skipped without pg_ctl)
+def test_the_loop_with_feedback_and_registry_on_postgresql(tmp_path: Path, postgres: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Feedback store and MLflow store in one PostgreSQL server: predict, correct, export, gate, switch."""
+    from test_serve import start_server, stop_group
+
+    from mnist_dlops.cli import cli_main
+    from mnist_dlops.datasets import main as datasets_main
+    from mnist_dlops.promote import promote
+    from mnist_dlops.registry import register
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", postgres.replace("postgresql://", "postgresql+psycopg2://"))
+    make_idx_set(tmp_path / "data")
+    for batches in ("2", "6"):
+        cli_main(["fit", "--data.data_dir", "data", "--data.download", "false", "--data.val_size", "20",
+                  "--trainer.max_epochs", "1", "--trainer.limit_train_batches", batches,
+                  "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]", "--trainer.logger", "false"])
+    register(ckpt_path="lightning_logs/version_0", name="pg-digits", alias="production")
+    register(ckpt_path="lightning_logs/version_1", name="pg-digits")
+    server, url = start_server(tmp_path, "--model", "models:/pg-digits@production", "--workers", "1",
+                               "--tracking_uri", os.environ["MLFLOW_TRACKING_URI"], "--feedback_url", postgres,
+                               "--reload_interval", "1")
+    try:
+        rng = np.random.default_rng(1)
+        images = rng.integers(0, 256, size=(12, 28, 28)).tolist()
+        status, answer = post(f"{url}/predict", {"images": images})
+        assert status == 200 and answer["model"]["version"] == "1"
+        for i, prediction in enumerate(answer["predictions"]):
+            assert post(f"{url}/feedback", {"prediction_id": prediction["prediction_id"], "label": str(i % 10)})[0] == 200
+        datasets_main(["feedback", "--out", "data/feedback", "--url", postgres, "--holdout", "0.5"])
+        assert len(list((tmp_path / "data/feedback").rglob("*.png"))) == 12
+        assert promote("pg-digits", 2, mnist_dir="data", feedback_dir="data/feedback", tolerance=1.0) is True
+        for _ in range(60):
+            if post(f"{url}/predict", {"images": images[:1]})[1]["model"]["version"] == "2":
+                break
+            time.sleep(0.5)
+        assert post(f"{url}/predict", {"images": images[:1]})[1]["model"]["version"] == "2"
+    finally:
+        stop_group(server)

@@ -83,3 +83,15 @@ def test_the_sanity_checks_metrics_are_not_shown_as_results(tiny_idx: Path, tmp_
         callbacks=[Watch()])
     assert not any(key.startswith("val/") for key in seen[0] | seen[1] | seen[2])  # only the sanity check had run
     assert any(key.startswith("val/") for key in seen[3])  # epoch 1: epoch 0's validation is a result
+
+
+def test_validate_alone_draws_its_bar(tiny_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A validate (no sanity check before it) runs with the bar on: its end hook needs no fit's state."""
+    from mnist_dlops.cli import run
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--data.data_dir", str(tiny_idx), "--data.download", "false", "--data.val_size", "20"]
+    run(["fit", *common, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.callbacks", "[]",
+         "--trainer.enable_progress_bar", "false"])
+    cli = run(["validate", "--ckpt_path", str(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"), *common])
+    assert "val/acc" in cli.trainer.callback_metrics

@@ -49,7 +49,7 @@ def mnist_test_images(mnist_dir: Path, n: int = 64) -> np.ndarray:
 
 def checkpoint_probs(path: Path, images: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return rebuild(path)(torch.from_numpy(images)).softmax(-1).numpy()
+        return rebuild(path)(torch.from_numpy(np.array(images))).softmax(-1).numpy()
 
 
 def count_versions(lab: Path) -> int:

@@ -493,3 +493,23 @@ def test_no_upload_gets_a_5xx_and_its_batch_neighbours_are_answered(trained: Pat
     for body in (b"[" * 1200 + b"]" * 1200, b'{"a":' * 1200 + b"1" + b"}" * 1200, b"[1,2,3]", b"null", b'"x"'):
         with pytest.raises(ValueError):
             _json_body(body)
+
+
+def test_a_sweep_file_cannot_import_a_planted_module(nested: Path, capsys: pytest.CaptureFixture) -> None:
+    """Through a sweep's base configs, its fixed values and a categorical choice, each naming a nested file."""
+    from mnist_dlops.sweep import main as sweep_main
+
+    lr = {"model.optimizer.init_args.lr": {"type": "float", "low": 1e-3, "high": 1e-2}}
+    attempts = [
+        {"base": ["cfg_nested.yaml"], "space": lr},
+        {"fixed": {"model.network": "net_evil.yaml"}, "space": lr},
+        {"space": {"model.network": {"type": "categorical", "choices": ["evil_mod.Net", "net_evil.yaml"]}}},
+    ]
+    for attempt in attempts:
+        (nested / "sweep.yaml").write_text(yaml.safe_dump({"study_name": "s", "n_trials": 1, **attempt}))
+        with pytest.raises(SystemExit) as exit_info:
+            sweep_main(["-c", "sweep.yaml", "--data.data_dir", "data", *TINY])
+        assert exit_info.value.code == 2, attempt
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err and err.splitlines()[-1].startswith("error: "), err
+    assert markers(nested) == []

@@ -50,6 +50,7 @@ class ProgressBar(RichProgressBar):
                          console_kwargs=console_kwargs)
         self.refresh_interval = refresh_interval
         self._drawn_at = float("-inf")
+        self._validated = True  # false from a fit's sanity check until its first real validation ends
         self._log_streams: list[tuple[logging.StreamHandler, Any]] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -73,7 +74,7 @@ class ProgressBar(RichProgressBar):
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Lightning's, less the sanity check's validation metrics: two batches of an untrained model are no result."""
         metrics = super().get_metrics(trainer, pl_module)
-        if not getattr(self, "_validated", True):
+        if not self._validated:
             metrics = {key: value for key, value in metrics.items() if not key.startswith("val/")}
         return metrics
 

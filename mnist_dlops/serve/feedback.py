@@ -162,9 +162,8 @@ def export(url: str, out: str, holdout: float = 0.2, min_items: int = 0) -> dict
         raise UserError(f"feedback_url={redact(url)}: {len(latest)} distinct items, fewer than {min_items}")
     counts = {"train": 0, "test": 0, "items": len(items), "distinct": len(latest)}
     with replacing(Path(out)) as folder:
-        for split in ("train", "test"):
-            for digit in range(10):
-                (folder / split / str(digit)).mkdir(parents=True)
+        for split in ("train", "test"):  # class folders only for classes with images: an empty one is an error
+            (folder / split).mkdir()
         for digest, item in sorted(latest.items()):
             split = "test" if int(digest[:8], 16) / 0xFFFFFFFF < holdout else "train"
             target = folder / split / item["label"]
