@@ -145,11 +145,12 @@ class MNISTCLI(LightningCLI):
         config = self.config[self.subcommand]
         check_classes(config)
         check_values(config)
-        # A checkpoint named in a YAML file rather than on the command line is checked here, before anything starts.
-        if config.get("ckpt_path") and Path(config.ckpt_path) != self.checked_ckpt:
-            load_checkpoint(config.ckpt_path)
-        if self.subcommand == "fit" and config.get("ckpt_path"):
-            check_resumable(load_checkpoint(config.ckpt_path), config)
+        # A checkpoint named in a YAML file rather than on the command line is checked here, before anything starts;
+        # a resume's checkpoint, read once here, must have something left to train.
+        if config.get("ckpt_path") and (Path(config.ckpt_path) != self.checked_ckpt or self.subcommand == "fit"):
+            checkpoint = load_checkpoint(config.ckpt_path)
+            if self.subcommand == "fit":
+                check_resumable(checkpoint, config)
         run_dir = os.environ.get(RUN_DIR_ENV) or config.get("run_dir") or run_dir_of(config.get("ckpt_path"))
         run_dir = Path(run_dir) if run_dir else None
         if config.get("run_dir") and not os.environ.get(RUN_DIR_ENV):

@@ -32,7 +32,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from mnist_dlops.config import one_line
 from mnist_dlops.errors import ConfigError, UserError, user_errors
-from mnist_dlops.trust import check_url, redact
+from mnist_dlops.trust import check_url, engine_url, redact
 
 
 @dataclass
@@ -152,12 +152,10 @@ def _storage(url: str) -> Any:
     check_url("storage", url)  # before SQLAlchemy imports the URL's driver by name
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    # SQLAlchemy's default PostgreSQL driver is psycopg 3; the one this project ships is psycopg2.
-    engine_url = url.replace("postgresql://", "postgresql+psycopg2://", 1) if url.startswith("postgresql://") else url
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat is "experimental"
-            return optuna.storages.RDBStorage(engine_url, heartbeat_interval=5, grace_period=20)
+            return optuna.storages.RDBStorage(engine_url(url), heartbeat_interval=5, grace_period=20)
     except Exception as err:  # noqa: BLE001 - SQLAlchemy and drivers raise many kinds for a URL that cannot open
         raise ConfigError(f"storage={redact(url)}: cannot be opened ({redact(one_line(str(err), limit=160))})") from None
 

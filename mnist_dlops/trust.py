@@ -137,6 +137,12 @@ DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2")
 TRACKING_SCHEMES = (*DATABASE_SCHEMES, "http", "https", "file")
 
 
+def engine_url(url: str) -> str:
+    """The URL SQLAlchemy should open: a bare ``postgresql://`` names the psycopg2 driver this project ships
+    (SQLAlchemy's own default for it is psycopg 3)."""
+    return url.replace("postgresql://", "postgresql+psycopg2://", 1) if url.startswith("postgresql://") else url
+
+
 def redact(url: str) -> str:
     """``url`` with the password of ``scheme://user:password@host`` hidden, for messages."""
     return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from mnist_dlops.errors import ConfigError, UserError
-from mnist_dlops.trust import check_url, redact
+from mnist_dlops.trust import check_url, engine_url, redact
 
 SECRET_FILE = "feedback.secret"
 SECRET_ENV = "MNIST_DLOPS_FEEDBACK_SECRET"
@@ -84,9 +84,7 @@ class FeedbackStore:
     def __init__(self, url: str) -> None:
         from sqlalchemy import Column, Float, Integer, LargeBinary, MetaData, String, Table, create_engine
 
-        check_url("feedback_url", url)
-        if url.startswith("postgresql://"):
-            url = url.replace("postgresql://", "postgresql+psycopg2://", 1)  # the driver installed with the project
+        url = engine_url(check_url("feedback_url", url))
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.url = url
