@@ -24,7 +24,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mnist_dlops.cli import run  # noqa: E402
+from mnist_dlops.cli.app import run  # noqa: E402
 
 LRS = [0.002, 0.004, 0.006, 0.008, 0.01, 0.012, 0.014, 0.016]
 

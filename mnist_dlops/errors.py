@@ -72,3 +72,18 @@ def fail(message: str, status: int) -> None:
     """Print ``error: message`` on stderr and exit with ``status``."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(status)
+
+
+# How this process was started, for the commands a hint names: the dispatcher sets "mnist-dlops" (the installed
+# script) or "python -m mnist_dlops"; None means the classic entry points, ``python cli.py`` and ``python -m``.
+INVOKED_AS: str | None = None
+TRAINING = ("fit", "validate", "test", "predict")
+
+
+def invoked(command: str) -> str:
+    """``command`` (``fit``, ``datasets add``...) spelled as the user would run it from here: ``mnist-dlops fit``,
+    ``python cli.py fit`` or ``python -m mnist_dlops.datasets add``."""
+    if INVOKED_AS:
+        return f"{INVOKED_AS} {command}"
+    top, _, rest = command.partition(" ")
+    return f"python cli.py {command}" if top in TRAINING else f"python -m mnist_dlops.{top}{' ' if rest else ''}{rest}"

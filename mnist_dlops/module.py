@@ -106,10 +106,10 @@ class MNISTModule(pl.LightningModule):
         """Lightning's ``load_from_checkpoint`` for a checkpoint from anywhere: it is always loaded as plain data
         (``weights_only``, whatever is asked), and the classes its hyper-parameters name are checked
         (``mnist_dlops.trust``) before anything is built. Arguments given here override the checkpoint's."""
-        from mnist_dlops.checkpoints import load_checkpoint
-        from mnist_dlops.config import one_line
+        from mnist_dlops.cli.parser import one_line
         from mnist_dlops.errors import CheckpointError, ConfigError
         from mnist_dlops.importguard import UntrustedImport, guarded_imports
+        from mnist_dlops.rundir.checkpoints import load_checkpoint
         from mnist_dlops.trust import check_classes
 
         if kwargs.get("hparams_file"):

@@ -98,7 +98,7 @@ def cli_in_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     import contextlib
     import io
 
-    from mnist_dlops.cli import cli_main
+    from mnist_dlops.cli.app import cli_main
 
     out, err, code, here = io.StringIO(), io.StringIO(), 0, os.getcwd()
     os.chdir(cwd)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import REPO, cli_in_process, run_cli, run_module
 
-from mnist_dlops.sources import read_idx_split
+from mnist_dlops.data.idx import read_idx_split
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO, cli_in_process, read_scalars, run_cli
 
 from mnist_dlops import MNISTModule
-from mnist_dlops.cli import cli_main
+from mnist_dlops.cli.app import cli_main
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -57,7 +57,7 @@ def test_print_config_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture)
 
 
 def test_binary_config_links_two_outputs(capsys: pytest.CaptureFixture) -> None:
-    from mnist_dlops.cli import MNISTCLI
+    from mnist_dlops.cli.app import MNISTCLI
     from mnist_dlops.data import MNISTDataModule
 
     cli = MNISTCLI(

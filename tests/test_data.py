@@ -9,7 +9,7 @@ import torch
 from conftest import make_png_tree
 
 from mnist_dlops import MNISTDataModule
-from mnist_dlops.batches import EpochOrder
+from mnist_dlops.data.batches import EpochOrder
 from mnist_dlops.errors import DataError
 
 

@@ -16,11 +16,11 @@ import yaml
 
 from conftest import REPO, make_idx_set
 
-from mnist_dlops.cli import cli_main
-from mnist_dlops.datasets import main as datasets_main
-from mnist_dlops.datasets import versions
-from mnist_dlops.registry import register
-from mnist_dlops.registry import versions as model_versions
+from mnist_dlops.cli.app import cli_main
+from mnist_dlops.commands.datasets import main as datasets_main
+from mnist_dlops.commands.datasets import versions
+from mnist_dlops.commands.registry import register
+from mnist_dlops.commands.registry import versions as model_versions
 
 DVC = str(Path(sys.executable).with_name("dvc"))
 ENV = {**os.environ, "DVC_NO_ANALYTICS": "1"}
@@ -95,7 +95,7 @@ def test_two_versions_train_register_and_check_out_byte_for_byte(repo: Path, cap
     # A plain run on the working copy records it too, and the runs table shows both versions.
     cli_main(["fit", "--data.data_dir", "data/mnist", *SHORT])
     capsys.readouterr()
-    from mnist_dlops.runs import runs
+    from mnist_dlops.commands.runs import runs
 
     assert [label.split(":")[0] for label in runs(sort="run", ascending=True)["data_version"]] == ["v1", "v2", "v2"]
 
@@ -151,7 +151,7 @@ def test_new_versions_from_pngs_and_the_seeds_png_tree(repo: Path, tmp_path: Pat
         (extra / str(digit)).mkdir(parents=True)
         Image.new("L", (40, 40), 255).save(extra / str(digit) / "a.png")
     datasets_main(["merge", "data/mnist", str(extra), "--out", str(tmp_path / "plus")])
-    from mnist_dlops.datasets import read_idx_set
+    from mnist_dlops.data.idx import read_idx_set
 
     assert len(read_idx_set(tmp_path / "plus")["train"][1]) == 302
     datasets_main(["png", str(tmp_path / "plus"), str(tmp_path / "pngs")])

@@ -18,7 +18,7 @@ from conftest import REPO, cli_in_process, read_scalars, run_module
 from test_trackers import DEBUG, neptune_operations, wandb_records
 
 from mnist_dlops.callbacks.diagnostics import confusion, pr_curves, roc_curves
-from mnist_dlops.plots import confusion_figure, curves_figure, plt
+from mnist_dlops.callbacks.plots import confusion_figure, curves_figure, plt
 
 KNOWN = np.array([[5, 1, 0], [2, 3, 1], [0, 0, 4]])
 

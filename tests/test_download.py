@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from mnist_dlops.download import MD5, ensure_mnist, md5sum
+from mnist_dlops.data.download import MD5, ensure_mnist, md5sum
 from mnist_dlops.errors import DataError
 
 

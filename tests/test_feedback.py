@@ -75,7 +75,7 @@ def test_feedback_over_http_refuses_bad_items_and_survives_sigkill(tmp_path: Pat
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from test_serve import start_server
 
-    from mnist_dlops.cli import cli_main
+    from mnist_dlops.cli.app import cli_main
 
     monkeypatch.chdir(tmp_path)
     make_idx_set(tmp_path / "data")
@@ -128,11 +128,11 @@ def test_the_loop_feedback_retrain_gate_and_hot_switch(tmp_path: Path, mnist_dir
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from test_serve import start_server, stop_group
 
-    from mnist_dlops.cli import cli_main
-    from mnist_dlops.datasets import main as datasets_main
-    from mnist_dlops.promote import promote
-    from mnist_dlops.registry import register
-    from mnist_dlops.sources import IDX_FILES, find_idx, read_idx
+    from mnist_dlops.cli.app import cli_main
+    from mnist_dlops.commands.datasets import main as datasets_main
+    from mnist_dlops.commands.promote import promote
+    from mnist_dlops.commands.registry import register
+    from mnist_dlops.data.idx import IDX_FILES, find_idx, read_idx
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -210,10 +210,10 @@ def test_the_loop_with_feedback_and_registry_on_postgresql(tmp_path: Path, postg
     """Feedback store and MLflow store in one PostgreSQL server: predict, correct, export, gate, switch."""
     from test_serve import start_server, stop_group
 
-    from mnist_dlops.cli import cli_main
-    from mnist_dlops.datasets import main as datasets_main
-    from mnist_dlops.promote import promote
-    from mnist_dlops.registry import register
+    from mnist_dlops.cli.app import cli_main
+    from mnist_dlops.commands.datasets import main as datasets_main
+    from mnist_dlops.commands.promote import promote
+    from mnist_dlops.commands.registry import register
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", postgres.replace("postgresql://", "postgresql+psycopg2://"))

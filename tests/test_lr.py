@@ -11,8 +11,8 @@ import torch
 
 from conftest import REPO, make_idx_set
 
-from mnist_dlops.cli import cli_main
-from mnist_dlops.runs import runs_table
+from mnist_dlops.cli.app import cli_main
+from mnist_dlops.commands.runs import runs_table
 
 SHORT = ["--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
          "--data.val_size", "20", "--data.batch_size", "16", "--trainer.enable_progress_bar", "false",

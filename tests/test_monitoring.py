@@ -19,7 +19,7 @@ import yaml
 from conftest import REPO, free_port
 
 from mnist_dlops.serve.monitoring import STATISTICS, Reference, image_statistics
-from mnist_dlops.sources import IDX_FILES, find_idx, read_idx
+from mnist_dlops.data.idx import IDX_FILES, find_idx, read_idx
 
 MONITORING = REPO / "monitoring"
 
@@ -87,8 +87,8 @@ def test_prometheus_reads_whole_counts_and_drift_from_two_workers(tmp_path: Path
         pytest.skip("prometheus is not installed")
     from test_serve import start_server, stop_group
 
-    from mnist_dlops.cli import cli_main
-    from mnist_dlops.export import export
+    from mnist_dlops.cli.app import cli_main
+    from mnist_dlops.commands.export import export
 
     monkeypatch.chdir(tmp_path)
     cli_main(["fit", "--data.data_dir", str(mnist_dir), "--data.download", "false", "--trainer.max_epochs", "1",

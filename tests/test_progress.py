@@ -61,7 +61,7 @@ def test_the_sanity_checks_metrics_are_not_shown_as_results(tiny_idx: Path, tmp_
     from pytorch_lightning import Callback
 
     from mnist_dlops.callbacks import ProgressBar
-    from mnist_dlops.cli import run
+    from mnist_dlops.cli.app import run
 
     seen: list[dict] = []
 
@@ -87,7 +87,7 @@ def test_the_sanity_checks_metrics_are_not_shown_as_results(tiny_idx: Path, tmp_
 
 def test_validate_alone_draws_its_bar(tiny_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A validate (no sanity check before it) runs with the bar on: its end hook needs no fit's state."""
-    from mnist_dlops.cli import run
+    from mnist_dlops.cli.app import run
 
     monkeypatch.chdir(tmp_path)
     common = ["--data.data_dir", str(tiny_idx), "--data.download", "false", "--data.val_size", "20"]

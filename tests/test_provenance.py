@@ -163,7 +163,7 @@ def test_the_fingerprint_cache_sees_a_file_rewritten_with_its_old_size_and_mtime
 
     from conftest import make_idx_set
 
-    from mnist_dlops.provenance import data_fingerprint
+    from mnist_dlops.data.fingerprint import data_fingerprint
 
     root = make_idx_set(tmp_path / "data", gz=False)
     files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))

@@ -37,7 +37,7 @@ def digit_png(mnist_dir: Path, path: Path) -> None:
     """MNIST's first test digit (a 7), dark on white at 280x280, as a phone photo of one would be."""
     from PIL import Image
 
-    from mnist_dlops.sources import IDX_FILES, find_idx, read_idx
+    from mnist_dlops.data.idx import IDX_FILES, find_idx, read_idx
 
     digit = read_idx(find_idx(mnist_dir, IDX_FILES["test"][0]), 0x00000803)[0]
     buffer = io.BytesIO()

@@ -17,10 +17,10 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import REPO, mlflow_ui
-from mnist_dlops.cli import cli_main
-from mnist_dlops.export import rebuild
-from mnist_dlops.registry import main, register, versions
-from mnist_dlops.sources import IDX_FILES, find_idx, read_idx
+from mnist_dlops.cli.app import cli_main
+from mnist_dlops.commands.export import rebuild
+from mnist_dlops.commands.registry import main, register, versions
+from mnist_dlops.data.idx import IDX_FILES, find_idx, read_idx
 
 FIT = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "40", "--trainer.limit_val_batches", "4",
        "--data.val_size", "1000", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -118,7 +118,7 @@ def test_an_onnx_version_gives_the_same_probabilities(lab: Path, mnist_dir: Path
 
 @pytest.mark.slow  # a sweep of two trials: in `pytest -m slow` and CI
 def test_a_sweeps_best_trial_in_one_command(lab: Path, mnist_dir: Path) -> None:
-    from mnist_dlops.sweep import sweep
+    from mnist_dlops.commands.sweep import sweep
 
     study = sweep(study_name="s", n_trials=2, objective="val/acc", direction="maximize",
                   fixed={"trainer.max_epochs": 1}, trial_args=["--data.data_dir", str(mnist_dir), *FIT],

@@ -19,10 +19,10 @@ import torch
 import yaml
 from conftest import make_idx_set
 
-from mnist_dlops.checkpoints import STATE_KEY
-from mnist_dlops.cli import cli_main
+from mnist_dlops.rundir.checkpoints import STATE_KEY
+from mnist_dlops.cli.app import cli_main
 from mnist_dlops.errors import CheckpointError, ConfigError
-from mnist_dlops.export import export
+from mnist_dlops.commands.export import export
 from mnist_dlops.module import MNISTModule
 
 TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
@@ -275,7 +275,7 @@ def test_a_checkpoints_stored_names_never_import(trained: Path, capsys: pytest.C
                                                  network: str, key: str) -> None:
     """Through every entry point that reads a checkpoint: test, validate, predict, fit-resume, export, register,
     serve's loader and ``load_from_checkpoint``."""
-    from mnist_dlops.registry import register
+    from mnist_dlops.commands.registry import register
     from mnist_dlops.serve.model import resolve
 
     lab = trained.parents[3]
@@ -304,8 +304,8 @@ DATABASE_URLS = ["mysql://user:s3cret@127.0.0.1/db", "mysql+mysqldb://user:s3cre
 def test_a_database_url_never_imports_a_planted_driver(lab: Path, capsys: pytest.CaptureFixture, url: str) -> None:
     """SQLAlchemy imports a URL's driver by module name (``MySQLdb``): only the drivers we ship are accepted, and
     the password never reaches the message."""
-    from mnist_dlops.registry import main as registry_main
-    from mnist_dlops.sweep import main as sweep_main
+    from mnist_dlops.commands.registry import main as registry_main
+    from mnist_dlops.commands.sweep import main as sweep_main
 
     for driver in ("MySQLdb", "pyodbc"):
         (lab / f"{driver}.py").write_text(EVIL_MODULE)
@@ -399,7 +399,7 @@ def test_no_checkpoint_callback_writes_outside_the_run(lab: Path, sentinel: Path
 
 
 def test_a_study_name_is_one_folder_inside_the_runs(lab: Path, sentinel: Path, capsys: pytest.CaptureFixture) -> None:
-    from mnist_dlops.sweep import main as sweep_main
+    from mnist_dlops.commands.sweep import main as sweep_main
 
     before = tree_digest(lab)
     for name in ("../../outside/trav", "../outside", "", "a/b", "/abs"):
@@ -497,7 +497,7 @@ def test_no_upload_gets_a_5xx_and_its_batch_neighbours_are_answered(trained: Pat
 
 def test_a_sweep_file_cannot_import_a_planted_module(nested: Path, capsys: pytest.CaptureFixture) -> None:
     """Through a sweep's base configs, its fixed values and a categorical choice, each naming a nested file."""
-    from mnist_dlops.sweep import main as sweep_main
+    from mnist_dlops.commands.sweep import main as sweep_main
 
     lr = {"model.optimizer.init_args.lr": {"type": "float", "low": 1e-3, "high": 1e-2}}
     attempts = [

@@ -27,12 +27,12 @@ import torch
 from PIL import Image
 
 from conftest import PHOTOS, REPO, digit_photo, free_port
-from mnist_dlops.cli import cli_main
+from mnist_dlops.cli.app import cli_main
 from mnist_dlops.errors import CheckpointError
-from mnist_dlops.export import export, rebuild
-from mnist_dlops.registry import register
+from mnist_dlops.commands.export import export, rebuild
+from mnist_dlops.commands.registry import register
 from mnist_dlops.serve.model import check, resolve
-from mnist_dlops.sources import IDX_FILES, find_idx, read_idx
+from mnist_dlops.data.idx import IDX_FILES, find_idx, read_idx
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts"

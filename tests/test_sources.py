@@ -12,7 +12,8 @@ from conftest import PHOTOS, digit_photo, fake_digits, make_idx_set, make_png_tr
 from PIL import Image
 
 from mnist_dlops.errors import DataError
-from mnist_dlops.sources import IDX_FILES, find_idx, read_idx, read_idx_split, read_png_split
+from mnist_dlops.data.idx import IDX_FILES, find_idx, read_idx, read_idx_split
+from mnist_dlops.data.images import read_png_split
 
 DIGITS = {str(d): d for d in range(10)}
 
@@ -119,7 +120,7 @@ def test_28x28_mnist_digits_written_as_png_read_back_unchanged(tmp_path: Path, m
         folder = tmp_path / "pngs" / "test" / str(int(labels[i]))
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(images[i].numpy()).save(folder / f"{i:05d}.png")
-    from mnist_dlops.sources import read_png_folder
+    from mnist_dlops.data.images import read_png_folder
 
     read, files = read_png_folder(tmp_path / "pngs")
     by_name = {int(f.stem): img for f, img in zip(files, read)}
@@ -145,7 +146,7 @@ def test_bad_png_tree_names_the_fault(tmp_path: Path, make_fault, message: str) 
 def test_a_digit_is_found_on_any_paper(paper: str, mnist_dir: Path) -> None:
     """Photos of real MNIST digits (grey, noisy, unevenly lit paper; small and off-centre) come out as MNIST made
     them: the digit, not the page, fitted into 20x20 and centred, close to the original 28x28 image."""
-    from mnist_dlops.sources import decode_image
+    from mnist_dlops.data.images import decode_image
 
     originals = read_idx(find_idx(mnist_dir, IDX_FILES["test"][0]), 0x00000803)[:30]
     similarity = []

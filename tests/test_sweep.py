@@ -16,9 +16,9 @@ from optuna.trial import TrialState
 
 from conftest import REPO
 
-from mnist_dlops.cli import run
-from mnist_dlops.runs import runs
-from mnist_dlops.sweep import main, sweep
+from mnist_dlops.cli.app import run
+from mnist_dlops.commands.runs import runs
+from mnist_dlops.commands.sweep import main, sweep
 
 SLICE = ["--trainer.limit_train_batches", "12", "--trainer.limit_val_batches", "4", "--data.val_size", "2000",
          "--trainer.enable_model_summary", "false", "--trainer.callbacks", "[]"]

@@ -11,7 +11,7 @@ import torch
 
 from conftest import REPO, make_idx_set, run_cli
 
-from mnist_dlops.cli import cli_main
+from mnist_dlops.cli.app import cli_main
 
 TINY = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "6", "--trainer.limit_val_batches", "2",
         "--data.val_size", "40", "--data.batch_size", "16", "--trainer.enable_progress_bar", "false",

@@ -30,8 +30,8 @@ from torchmetrics.functional.classification import (
     multiclass_roc,
 )
 
-from mnist_dlops.plots import Curve, confusion_figure, curves_figure, gallery_figure, to_rgb
-from mnist_dlops.provenance import free_name
+from mnist_dlops.callbacks.plots import Curve, confusion_figure, curves_figure, gallery_figure, to_rgb
+from mnist_dlops.rundir.folders import free_name
 from mnist_dlops.trackers.base import tracker_keys
 
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, Optional
 
-from mnist_dlops.errors import ConfigError, user_errors
+from mnist_dlops.errors import ConfigError, invoked, user_errors
 
 
 @contextmanager
@@ -174,7 +174,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from jsonargparse import CLI
 
     with user_errors():
-        CLI(serve, as_positional=False, args=argv)
+        CLI(serve, as_positional=False, args=argv, prog=invoked("serve"))
 
 
 if __name__ == "__main__":

@@ -27,11 +27,11 @@ from fastapi import HTTPException, Request  # Request at module level: FastAPI r
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mnist_dlops.data.images import ImageTooLarge, decode_image
 from mnist_dlops.errors import DataError
 from mnist_dlops.serve.feedback import FeedbackStore, RateLimit, sign, verify
 from mnist_dlops.serve.model import ServedModel, promoted
 from mnist_dlops.serve.monitoring import Metrics, RequestMetrics, exposition
-from mnist_dlops.sources import ImageTooLarge, decode_image
 
 MAX_IMAGES = 256  # images in one JSON batch
 

@@ -20,7 +20,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from mnist_dlops.errors import CheckpointError, ConfigError
+from mnist_dlops.errors import CheckpointError, ConfigError, invoked
 from mnist_dlops.serve.monitoring import Reference
 
 Format = Literal["checkpoint", "torchscript", "onnx"]
@@ -58,7 +58,7 @@ class ServedModel:
     def load(self) -> Forward:
         """The model's forward function (in a worker process): probabilities for uint8 images."""
         if self.format == "checkpoint":
-            from mnist_dlops.export import Probabilities, rebuild
+            from mnist_dlops.commands.export import Probabilities, rebuild
 
             module = Probabilities(rebuild(self.file)).eval()
             return _no_grad(module)
@@ -95,9 +95,9 @@ def is_torchscript(path: Path) -> bool:
 
 def from_checkpoint(ckpt_path: str, runs_dir: str = "lightning_logs") -> ServedModel:
     """A checkpoint (``best``/``last``, a run folder, or a file), checked as every entry point checks one."""
-    from mnist_dlops.export import Probabilities, rebuild, training_reference
-    from mnist_dlops.provenance import run_fingerprint
-    from mnist_dlops.restore import resolve_ckpt
+    from mnist_dlops.cli.restore import resolve_ckpt
+    from mnist_dlops.commands.export import Probabilities, rebuild, training_reference
+    from mnist_dlops.rundir.record import run_fingerprint
 
     path = resolve_ckpt(ckpt_path, Path(runs_dir)).resolve()
     module = rebuild(path)  # fails here, in the parent, rather than in every worker
@@ -114,7 +114,7 @@ def from_export(path: str) -> ServedModel:
         raise ConfigError(f"model={path}: no such file")
     classes = file.with_name("classes.txt")
     if not classes.is_file():
-        raise ConfigError(f"model={path}: no classes.txt beside it (python -m mnist_dlops.export writes one)")
+        raise ConfigError(f"model={path}: no classes.txt beside it ({invoked('export')} writes one)")
     class_names = classes.read_text().split()
     if file.suffix == ".onnx":
         return ServedModel(file.resolve(), "onnx", class_names, file.parent.name, source=str(file),
@@ -131,7 +131,7 @@ def from_registry(uri: str, runs_dir: str = "lightning_logs", tracking_uri: Opti
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from mnist_dlops.registry import store
+    from mnist_dlops.commands.registry import store
     from mnist_dlops.trackers.mlflow import store_uri
 
     reference = uri.removeprefix("models:/")
@@ -181,7 +181,7 @@ def from_registry(uri: str, runs_dir: str = "lightning_logs", tracking_uri: Opti
                               "(a python_function model is pickled code)")
     class_names = [str(c) for c in metadata.get("class_names") or []]
     if not class_names:
-        raise CheckpointError(f"model={uri}: records no class_names (register it with python -m mnist_dlops.registry)")
+        raise CheckpointError(f"model={uri}: records no class_names (register it with {invoked('registry')})")
     return ServedModel(file, fmt, class_names, name, str(version.version), metadata.get("data_fingerprint"), uri,
                        extra={"registry": location}, reference=Reference.load(folder))
 

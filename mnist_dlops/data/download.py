@@ -11,8 +11,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mnist_dlops.data.idx import IDX_FILES, find_idx
 from mnist_dlops.errors import DataError
-from mnist_dlops.sources import IDX_FILES, find_idx
 
 # The official files' MD5 sums (the same values as torchvision's and ../shared/data/mnist/MD5SUMS).
 MD5: dict[str, str] = {

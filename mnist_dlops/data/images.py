@@ -1,85 +1,15 @@
-"""Where MNIST images come from: the four IDX files, or a versioned folder of PNG digits.
-
-Both readers return whole splits as tensors (images ``uint8 [N, 28, 28]``, labels ``int64 [N]``) so that the
-training loop never decodes an image; they raise :class:`DataError` with one line naming the file and the fault.
-"""
+"""Images as the model sees them, one module for training, predict and the server: a PNG tree read into tensors,
+any photo or upload turned into an MNIST digit (decoded safely, grayscale, 28x28, white on black), normalized."""
 
 from __future__ import annotations
 
-import gzip
 import io
-import struct
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mnist_dlops.errors import DataError
-
-# File stems of the official MNIST release, per split, in (images, labels) order.
-IDX_FILES: dict[str, tuple[str, str]] = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-# The IDX magic numbers: 0x0000 0x08 (unsigned byte) then the number of dimensions.
-_IMAGES_MAGIC = 0x00000803
-_LABELS_MAGIC = 0x00000801
-
-
-def find_idx(data_dir: Path, stem: str) -> Path | None:
-    """Return the path of ``stem`` in ``data_dir``, gzipped or not, or None if neither exists."""
-    for name in (f"{stem}.gz", stem):
-        if (data_dir / name).is_file():
-            return data_dir / name
-    return None
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
-        raise DataError(f"{path}: cannot be read ({err})") from err
-
-
-def read_idx(path: Path, expected_magic: int) -> np.ndarray:
-    """Read one IDX file (``.gz`` or raw) into a uint8 array shaped as its header says."""
-    raw = _read_bytes(path)
-    if len(raw) < 4:
-        raise DataError(f"{path}: too short to be an IDX file ({len(raw)} bytes)")
-    (magic,) = struct.unpack(">I", raw[:4])
-    if magic != expected_magic:
-        raise DataError(f"{path}: wrong magic number {magic:#010x}, expected {expected_magic:#010x}")
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(shape))
-    if len(raw) - header != expected:
-        raise DataError(f"{path}: holds {len(raw) - header} data bytes, its header promises {expected}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
-
-
-def read_idx_split(data_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read the images and labels of ``split`` (``train`` or ``test``) from the IDX files in ``data_dir``."""
-    images_stem, labels_stem = IDX_FILES[split]
-    images_path, labels_path = find_idx(data_dir, images_stem), find_idx(data_dir, labels_stem)
-    if images_path is None or labels_path is None:
-        missing = images_stem if images_path is None else labels_stem
-        raise DataError(
-            f"{data_dir / missing}[.gz]: missing; copy the four MNIST *-ubyte.gz files into {data_dir} "
-            "(or let --data.download true fetch them on a connected machine)"
-        )
-    images = read_idx(images_path, _IMAGES_MAGIC)
-    labels = read_idx(labels_path, _LABELS_MAGIC)
-    if images.shape[1:] != (28, 28):
-        raise DataError(f"{images_path}: images are {images.shape[1:]}, expected 28x28")
-    if len(images) != len(labels):
-        raise DataError(f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path.name}")
-    if labels.size and labels.max() > 9:
-        raise DataError(f"{labels_path}: label {int(labels.max())} is out of range 0-9")
-    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
 def read_png_split(root: Path, split: str, class_of: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:

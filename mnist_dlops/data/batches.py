@@ -12,6 +12,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from mnist_dlops.errors import ConfigError
+
 
 class EpochOrder:
     """The sample order of one rank: a fresh permutation per epoch, derived from (seed, epoch) alone.
@@ -90,4 +92,5 @@ class TensorBatches:
         changed = {k: (v, mine[k]) for k, v in state.items() if k in mine and mine[k] != v}
         if changed:
             what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
-            raise ValueError(f"cannot resume mid-epoch: the training data order changed ({what})")
+            raise ConfigError(f"cannot resume mid-epoch: the training data order changed ({what}); resume with the run's "
+                              "own data settings, or start a new run")

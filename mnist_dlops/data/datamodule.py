@@ -12,12 +12,13 @@ from jsonargparse.typing import PositiveInt
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from mnist_dlops.batches import EpochOrder, TensorBatches
-from mnist_dlops.download import DEFAULT_MIRRORS, ensure_mnist
-from mnist_dlops.dvc_data import DataVersion, read_version, repo_root, workspace_version
-from mnist_dlops.errors import DataError
-from mnist_dlops.provenance import data_fingerprint
-from mnist_dlops.sources import IDX_FILES, find_idx, read_idx_split, read_png_folder, read_png_split
+from mnist_dlops.data.batches import EpochOrder, TensorBatches
+from mnist_dlops.data.download import DEFAULT_MIRRORS, ensure_mnist
+from mnist_dlops.data.fingerprint import data_fingerprint
+from mnist_dlops.data.idx import IDX_FILES, find_idx, read_idx_split
+from mnist_dlops.data.images import read_png_folder, read_png_split
+from mnist_dlops.data.versions import DataVersion, read_version, repo_root, workspace_version
+from mnist_dlops.errors import DataError, invoked
 
 Digit = Literal[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
 
@@ -124,7 +125,7 @@ class MNISTDataModule(pl.LightningDataModule):
             self._data_version = workspace_version(self.data_dir)
             if self._data_version is None:
                 rank_zero_info(f"data: {self.data_dir} is not tracked by DVC; the run records its fingerprint only "
-                               f"(python -m mnist_dlops.datasets add {self.data_dir} makes it a data version)")
+                               f"({invoked('datasets add')} {self.data_dir} makes it a data version)")
 
     def data_files(self) -> list[Path]:
         """The files of the data set: the four IDX files, or every file of the PNG tree's train/ and test/.

@@ -13,9 +13,9 @@ from typing import Any, Optional
 
 import yaml
 
-from mnist_dlops.checkpoints import STATE_KEY, load_checkpoint
-from mnist_dlops.errors import CheckpointError, ConfigError
-from mnist_dlops.runs import recorded_best, training_runs
+from mnist_dlops.errors import CheckpointError, ConfigError, invoked
+from mnist_dlops.rundir.checkpoints import STATE_KEY, load_checkpoint
+from mnist_dlops.rundir.folders import recorded_best, training_runs
 from mnist_dlops.trust import check_classes
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -36,7 +36,7 @@ def latest_run(runs_dir: Path) -> Path:
     """The newest training run (highest ``version_N`` with a ``config.yaml``) under ``runs_dir``."""
     runs = training_runs(runs_dir)
     if not runs:
-        raise CheckpointError(f"{runs_dir}: no training run to take a checkpoint from (run `python cli.py fit` first)")
+        raise CheckpointError(f"{runs_dir}: no training run to take a checkpoint from (run `{invoked('fit')}` first)")
     return runs[-1]
 
 
@@ -70,7 +70,7 @@ def best_checkpoint(runs_dir: Path) -> tuple[Path, str]:
         mode = ((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("checkpoint") or {}).get("mode", "min")
         ranked.append(((state["monitor"], mode), float(state["best_model_score"]), found))
     if not ranked:
-        raise CheckpointError(f"{runs_dir}: no training run with a best checkpoint (run `python cli.py fit` first)")
+        raise CheckpointError(f"{runs_dir}: no training run with a best checkpoint (run `{invoked('fit')}` first)")
     kinds = {kind for kind, _, _ in ranked}
     if len(kinds) > 1:
         raise CheckpointError(f"best: the runs under {runs_dir} monitor different metrics "

@@ -10,15 +10,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
-import stat as stat_module
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
@@ -29,55 +26,9 @@ import yaml
 from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.trainer.states import TrainerFn
 
-from mnist_dlops.checkpoints import STATE_KEY
+from mnist_dlops.rundir.checkpoints import STATE_KEY
+from mnist_dlops.rundir.folders import free_name
 from mnist_dlops.trackers.base import Tracker, tracker_keys
-
-CACHE_NAME = ".mnist_dlops_fingerprint.json"
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def data_fingerprint(root: Path, files: Iterable[Path], cache: bool = True) -> str:
-    """SHA-256 of the manifest of ``files`` (path relative to ``root``, size, SHA-256), in path order.
-
-    File hashes are cached in ``root/.mnist_dlops_fingerprint.json`` by (size, mtime, ctime): a file rewritten and
-    given its old mtime back (``touch -d``) still has a new ctime, which no user tool sets. A read-only folder (a
-    shared copy) is simply hashed again next time, and so is one that ``cache`` is false for (a folder DVC tracks:
-    a file added to it would make it a new data version).
-    """
-    cache_file = root / CACHE_NAME
-    try:
-        known_files: dict[str, Any] = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        known_files = {}
-    manifest, fresh = [], {}
-    for path in sorted(files):
-        rel = path.relative_to(root).as_posix()
-        info = path.stat()
-        known = known_files.get(rel)
-        stamp = {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "ctime_ns": info.st_ctime_ns}
-        if known and all(known.get(key) == value for key, value in stamp.items()):
-            sha = known["sha256"]
-        else:
-            sha = file_sha256(path)
-        fresh[rel] = {**stamp, "sha256": sha}
-        manifest.append(f"{rel}\t{info.st_size}\t{sha}")
-    # A folder without write permission (a shared, read-only copy) is left untouched, even by root.
-    if cache and fresh != known_files and root.stat().st_mode & stat_module.S_IWUSR:
-        try:
-            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(fresh, indent=0))
-            os.replace(tmp, cache_file)
-        except OSError:
-            pass
-    return hashlib.sha256("\n".join(manifest).encode()).hexdigest()
 
 
 def _git(args: list[str], cwd: Path) -> Optional[str]:
@@ -154,16 +105,6 @@ def run_data(run_dir: Path) -> dict[str, Any]:
 def run_fingerprint(run_dir: Path) -> Optional[str]:
     """The data fingerprint a training run recorded in its ``provenance.yaml``; None if it has no readable record."""
     return run_data(run_dir).get("fingerprint")
-
-
-
-def free_name(folder: Path, stem: str, suffix: str) -> Path:
-    """``folder/stem.suffix``, or ``stem-1.suffix``, ``stem-2.suffix``... whichever does not exist yet."""
-    path, n = folder / f"{stem}{suffix}", 0
-    while path.exists():
-        n += 1
-        path = folder / f"{stem}-{n}{suffix}"
-    return path
 
 
 def _iso(timestamp: float) -> str:

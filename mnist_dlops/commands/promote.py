@@ -21,8 +21,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from mnist_dlops.data.idx import read_idx_split
+from mnist_dlops.data.images import read_png_split
 from mnist_dlops.errors import ConfigError
-from mnist_dlops.sources import read_idx_split, read_png_split
 
 
 def eval_sets(mnist_dir: str, feedback_dir: Optional[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -102,7 +103,7 @@ def promote(
     """
     from mlflow.exceptions import MlflowException
 
-    from mnist_dlops.registry import _client, check_name, store
+    from mnist_dlops.commands.registry import _client, check_name, store
     from mnist_dlops.serve.model import from_registry
 
     if tolerance < 0:

@@ -19,16 +19,16 @@ from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from mnist_dlops.callbacks import PredictionCSV, ProgressBar
-from mnist_dlops.checkpoints import ResumeState, RunCheckpoint, load_checkpoint
-from mnist_dlops.config import OneLineParser, check_config_files, check_values, one_line
+from mnist_dlops.cli.parser import OneLineParser, check_config_files, check_values, one_line
+from mnist_dlops.cli.restore import restore_from_checkpoint
 from mnist_dlops.data import MNISTDataModule
-from mnist_dlops.errors import ConfigError, user_errors
+from mnist_dlops.errors import ConfigError, invoked, user_errors
 from mnist_dlops.importguard import guarded_imports
 from mnist_dlops.module import MNISTModule
-from mnist_dlops.provenance import RunConfigSaver
 from mnist_dlops.quiet import quiet
-from mnist_dlops.restore import restore_from_checkpoint
-from mnist_dlops.runs import claim_run_dir, run_dir_of
+from mnist_dlops.rundir.checkpoints import ResumeState, RunCheckpoint, load_checkpoint
+from mnist_dlops.rundir.folders import claim_run_dir, run_dir_of
+from mnist_dlops.rundir.record import RunConfigSaver
 from mnist_dlops.trust import check_classes
 
 # lr is the peak of the default one-cycle schedule. Adam's fused kernel: one pass over each parameter instead of a
@@ -65,7 +65,7 @@ class MNISTCLI(LightningCLI):
             self._remove_debris()
             if isinstance(err, SIGTERMException) and self.run_dir is not None:
                 last = self.run_dir / "checkpoints" / "last.ckpt"
-                print(f"stopped by SIGTERM; resume with: python cli.py fit --ckpt_path {last}", file=sys.stderr)
+                print(f"stopped by SIGTERM; resume with: {invoked('fit')} --ckpt_path {last}", file=sys.stderr)
             raise
 
     def _remove_debris(self) -> None:
@@ -207,7 +207,7 @@ class MNISTCLI(LightningCLI):
         if self.trainer.is_global_zero and self.run_dir is not None:
             best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
             target = os.path.relpath(best) if best else self.run_dir
-            print(f"run: {self.run_dir}  (evaluate: python cli.py test --ckpt_path {target})")
+            print(f"run: {self.run_dir}  (evaluate: {invoked('test')} --ckpt_path {target})")
 
 
 def check_resumable(checkpoint: dict[str, Any], config: Namespace) -> None:
@@ -219,7 +219,7 @@ def check_resumable(checkpoint: dict[str, Any], config: Namespace) -> None:
         run = Path(config.ckpt_path).resolve().parent.parent
         raise ConfigError(f"ckpt_path={config.ckpt_path}: the run has finished its {done} epochs, nothing to resume "
                           f"(its learning-rate schedule ended with them); for more epochs, rerun its config: "
-                          f"python cli.py fit -c {os.path.relpath(run / 'config.yaml')} --trainer.max_epochs {done + 1}")
+                          f"{invoked('fit')} -c {os.path.relpath(run / 'config.yaml')} --trainer.max_epochs {done + 1}")
 
 
 def run(args: ArgsType = None, callbacks: Sequence[Callback] = ()) -> MNISTCLI:

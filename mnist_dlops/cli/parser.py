@@ -13,9 +13,9 @@ from typing import Any, NoReturn
 from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser
 
-from mnist_dlops.checkpoints import check_filename
 from mnist_dlops.errors import ConfigError
 from mnist_dlops.importguard import GATE
+from mnist_dlops.rundir.checkpoints import check_filename
 
 
 def one_line(message: str, limit: int = 400) -> str:

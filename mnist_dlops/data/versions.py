@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import yaml
 
-from mnist_dlops.errors import DataError
+from mnist_dlops.errors import DataError, invoked
 
 # Where read_version keeps the versions it has read, by DVC hash, inside the DVC repository (git-ignored by DVC).
 VERSIONS_DIR = Path(".dvc") / "tmp" / "mnist_dlops-versions"
@@ -107,7 +107,7 @@ def workspace_version(data_dir: Path) -> Optional[DataVersion]:
     if changed:
         raise DataError(
             f"{data_dir}: differs from its DVC version {out['md5'][:12]} ({rel}.dvc; {', '.join(changed[:3])}); "
-            f"record it as a new version (python -m mnist_dlops.datasets add {rel}) or restore it (dvc checkout {rel}.dvc)"
+            f"record it as a new version ({invoked('datasets add')} {rel}) or restore it (dvc checkout {rel}.dvc)"
         )
     commit, tags = _commit_and_tags(root, "HEAD", f"{rel}.dvc")
     if commit and _git(root, "status", "--porcelain", "--", f"{rel}.dvc"):
@@ -130,14 +130,14 @@ def read_version(data_dir: Path, rev: str) -> tuple[Path, DataVersion]:
     root = repo_root(data_dir)
     if root is None:
         raise DataError(f"data.version={rev}: {data_dir} is not inside a DVC repository (git init && dvc init, then "
-                        f"python -m mnist_dlops.datasets add {data_dir})")
+                        f"{invoked('datasets add')} {data_dir})")
     rel = Path(os.path.relpath(data_dir.resolve(), root)).as_posix()
     try:
         fs = DVCFileSystem(str(root), rev=rev)
         info = fs.info(rel)
     except RevError:
         raise DataError(f"data.version={rev}: no such git revision in {root} "
-                        f"(python -m mnist_dlops.datasets list {rel} lists the versions)") from None
+                        f"({invoked('datasets list')} {rel} lists the versions)") from None
     except FileNotFoundError:
         raise DataError(f"data.version={rev}: {rel} does not exist at that revision") from None
     except DataIndexDirError:  # the folder's listing itself is in neither the cache nor the remote

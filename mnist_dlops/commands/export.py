@@ -1,0 +1,190 @@
+"""Export a trained checkpoint for serving without this project: TorchScript and ONNX, each checked against it.
+
+    python -m mnist_dlops.export --ckpt_path best      # or last, a run folder, or a .ckpt file
+
+The exported model takes MNIST images as uint8 ``[N, 1, 28, 28]`` (0-255, white digit on black, as
+``mnist_dlops.sources.to_mnist_image`` makes them) and returns class probabilities ``[N, num_classes]``; the class
+names are written beside it in ``classes.txt``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor, nn
+
+from mnist_dlops.cli.restore import resolve_ckpt
+from mnist_dlops.errors import ConfigError, invoked, user_errors
+from mnist_dlops.module import MNIST_MEAN, MNIST_STD, MNISTModule
+from mnist_dlops.rundir.folders import free_name
+from mnist_dlops.serve.monitoring import Reference, reference_of
+
+Format = Literal["torchscript", "onnx"]
+
+
+class Probabilities(nn.Module):
+    """The trained network as served: uint8 images in, class probabilities out (MNISTModule's normalization included).
+
+    A plain ``nn.Module`` around the network: the LightningModule itself carries training machinery (trainer,
+    metrics) that neither tracing nor ONNX should see.
+    """
+
+    def __init__(self, model: MNISTModule) -> None:
+        super().__init__()
+        self.network = model.network
+        self.class_names = list(model.class_names)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.network((images.float() / 255.0 - MNIST_MEAN) / MNIST_STD).softmax(-1)
+
+
+def rebuild(path: Path) -> MNISTModule:
+    """The module a checkpoint was trained as, with its weights (``MNISTModule.load_from_checkpoint``'s checks)."""
+    return MNISTModule.load_from_checkpoint(path, map_location="cpu").eval()
+
+
+def sample_images(n: int = 256) -> Tensor:
+    """Inputs to compare the exports on: MNIST-shaped uint8 images, seeded."""
+    return torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def onnx_available() -> bool:
+    """Whether the optional ONNX exporter and runtime are installed (``pip install ".[export]"``)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxscript", "onnxruntime"))
+
+
+def export(
+    ckpt_path: str,
+    formats: Optional[Sequence[Format]] = None,
+    out_dir: Optional[str] = None,
+    runs_dir: str = "lightning_logs",
+    tolerance: float = 1e-5,
+) -> dict[str, float]:
+    """Export the checkpoint's network and check that each export gives the checkpoint's outputs.
+
+    Args:
+        ckpt_path: A .ckpt file, a run folder, or ``last``/``best`` of the newest run under ``runs_dir``.
+        formats: Which exports to write: ``torchscript`` (``model.pt``) and/or ``onnx`` (``model.onnx``); default
+            both, or TorchScript alone when ONNX's packages are not installed (it says so).
+        out_dir: Where to write them; default ``<run>/export`` beside the checkpoint's folder (``export-1``,
+            ``export-2``... when it exists: an export never replaces an earlier one).
+        runs_dir: Folder of the runs, for ``last``/``best``.
+        tolerance: Largest absolute difference in probabilities allowed between an export and the checkpoint.
+
+    Returns:
+        The largest absolute difference measured, per format.
+    """
+    # Every argument is checked, and every package found, before anything is written.
+    if formats is None:
+        formats = ["torchscript", "onnx"] if onnx_available() else ["torchscript"]
+        if len(formats) == 1:
+            print('onnx: skipped (pip install -c constraints.txt -e ".[export]" for model.onnx too)')
+    if not formats or len(set(formats)) != len(formats):
+        raise ConfigError(f"formats={list(formats)}: name torchscript and/or onnx, each once")
+    if "onnx" in formats and not onnx_available():
+        raise ConfigError('formats=onnx: needs onnx, onnxscript and onnxruntime: pip install -c constraints.txt -e ".[export]"')
+    if not tolerance >= 0:
+        raise ConfigError(f"tolerance={tolerance}: must be >= 0")
+    path = resolve_ckpt(ckpt_path, Path(runs_dir))
+    module = rebuild(path)
+    model = Probabilities(module).eval()
+    out = Path(out_dir) if out_dir else free_name(path.resolve().parent.parent, "export", "")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"out_dir={out}: already holds an export or other files; choose another folder (nothing is overwritten)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written into a hidden folder beside it, renamed into place once every export has been checked: an export that
+    # fails (a mismatch, a full disk, Ctrl-C) leaves nothing, and the next one gets the same name.
+    reference = training_reference(path, model)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as staging:
+        errors = _write(module, model, formats, tolerance, Path(staging), reference)
+        os.replace(staging, out)
+        Path(staging).mkdir()  # for TemporaryDirectory's own clean-up
+    for fmt in formats:
+        print(f"{fmt}: {out / ('model.pt' if fmt == 'torchscript' else 'model.onnx')} "
+              f"(max |difference| from the checkpoint {errors[fmt]:.1e}: ok)")
+    return errors
+
+
+def training_reference(path: Path, model: nn.Module, n: int = 10_000) -> Optional[Reference]:
+    """The drift reference of the model on (a seeded sample of) the data it was trained on, read as its checkpoint's
+    config says; None, said in one line, when that data cannot be read here."""
+    from mnist_dlops.data import MNISTDataModule
+    from mnist_dlops.data.versions import version_label
+    from mnist_dlops.errors import UserError
+    from mnist_dlops.rundir.checkpoints import STATE_KEY, load_checkpoint
+
+    config = yaml.safe_load(load_checkpoint(path).get(STATE_KEY, {}).get("config") or "{}") or {}
+    try:
+        data = MNISTDataModule(**{**(config.get("data") or {}), "download": False})
+        data.setup("fit")
+    except (UserError, OSError, TypeError) as err:
+        print(f"drift reference: skipped, the training data cannot be read here ({str(err).splitlines()[0][:160]})")
+        return None
+    images = data.splits["train"][0][:, 0].numpy()
+    sample = np.random.default_rng(0).permutation(len(images))[:n]
+    version = data.data_version.as_dict() if data.data_version else None
+    return reference_of(model, images[np.sort(sample)], version_label(version))
+
+
+def _write(module: MNISTModule, model: Probabilities, formats: Sequence[Format], tolerance: float,
+           out: Path, reference: Optional[Reference] = None) -> dict[str, float]:
+    """Each export, ``classes.txt`` and the drift reference into ``out``, each export checked against the
+    checkpoint's own outputs."""
+    (out / "classes.txt").write_text("\n".join(model.class_names) + "\n")
+    if reference is not None:
+        reference.save(out)
+    images = sample_images()
+    with torch.no_grad():
+        # The reference is the checkpoint's module itself, not the wrapper: the wrapper is what is being checked.
+        expected = module(images).softmax(-1)
+    errors: dict[str, float] = {}
+    for fmt in formats:
+        _, outputs = (_torchscript if fmt == "torchscript" else _onnx)(model, images, out)
+        errors[fmt] = float((outputs - expected).abs().max())
+        if errors[fmt] > tolerance:
+            raise ConfigError(f"tolerance={tolerance}: the {fmt} export differs from the checkpoint by "
+                              f"{errors[fmt]:.2e}; nothing was written")
+    return errors
+
+
+def _torchscript(model: nn.Module, images: Tensor, out: Path) -> tuple[Path, Tensor]:
+    file = out / "model.pt"
+    with torch.no_grad():
+        torch.jit.save(torch.jit.trace(model, images[:2]), str(file))
+        return file, torch.jit.load(str(file))(images)
+
+
+def _onnx(model: nn.Module, images: Tensor, out: Path) -> tuple[Path, Tensor]:
+    import onnxruntime  # found by export() before anything was written
+    file = out / "model.onnx"
+    batch = torch.export.Dim("batch")
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates each of its passes
+        program = torch.onnx.export(
+            model, (images[:2],), dynamic_shapes={"images": {0: batch}}, input_names=["images"], output_names=["probs"]
+        )
+    program.save(str(file))
+    session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    (outputs,) = session.run(None, {"images": images.numpy()})
+    return file, torch.from_numpy(outputs)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """``python -m mnist_dlops.export``: parse the flags of ``export`` and run it, with one-line errors."""
+    from jsonargparse import CLI
+
+    with user_errors():
+        CLI(export, as_positional=False, args=argv, prog=invoked("export"))
+
+
+if __name__ == "__main__":
+    main()

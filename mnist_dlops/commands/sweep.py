@@ -1,0 +1,512 @@
+"""Hyperparameter sweeps on Optuna: search config values, prune hopeless trials, keep every trial as an ordinary run.
+
+    python -m mnist_dlops.sweep -c configs/sweeps/quick.yaml --data.data_dir ../shared/data/mnist
+
+A sweep config names the experiment configs the trials stack on (``base``), overrides for every trial (``fixed``),
+the ``objective`` metric and its ``direction``, and the search ``space`` as config keys with distributions. Any other
+``--key value`` flag after it (``--data.data_dir``, ``--trainer.max_epochs``) is a fixed override, as with
+``cli.py``. Each trial is ``cli.py fit`` run in this process: its own ``lightning_logs/version_N/`` with a
+``config.yaml`` that reruns it alone, tagged with the study and trial. The study lives in Optuna's storage
+(embedded SQLite by default; a PostgreSQL URL or a journal file for workers on several machines), so running the
+same command again continues it, and running it on several machines shares it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from jsonargparse import Namespace
+from pytorch_lightning import Callback, Trainer
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+from mnist_dlops.cli.parser import one_line
+from mnist_dlops.errors import ConfigError, UserError, invoked, user_errors
+from mnist_dlops.trust import check_url, engine_url, redact
+
+
+@dataclass
+class Distribution:
+    """How one config key is searched.
+
+    Args:
+        type: ``float``, ``int`` or ``categorical``.
+        low: Smallest value (``float``, ``int``).
+        high: Largest value (``float``, ``int``), included.
+        log: Sample on a log scale (``float``, ``int``).
+        step: Spacing of the values (``int``; ``float`` without ``log``).
+        choices: The values to choose from (``categorical``): any YAML value, class paths included.
+    """
+
+    type: Literal["float", "int", "categorical"]
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False
+    step: Optional[float] = None
+    choices: Optional[list[Any]] = None
+
+    def __post_init__(self) -> None:
+        # The parser hands a choice such as {class_path, init_args} over as a Namespace: kept as the plain value
+        # the YAML holds, so that it reaches a trial's flags, the study and best.yaml as written.
+        self.choices = None if self.choices is None else [_plain(choice) for choice in self.choices]
+
+    def check(self, key: str) -> None:
+        """One line naming the key for an empty, reversed or incomplete range."""
+        if self.type == "categorical":
+            if not self.choices:
+                raise ConfigError(f"space.{key}: a categorical distribution needs a non-empty list of choices")
+            return
+        if self.low is None or self.high is None:
+            raise ConfigError(f"space.{key}: a {self.type} distribution needs low and high")
+        if not self.low < self.high:
+            raise ConfigError(f"space.{key}: low={self.low} must be below high={self.high}")
+        if self.log and self.low <= 0:
+            raise ConfigError(f"space.{key}: a log scale needs low > 0 (got {self.low})")
+        if self.log and self.step is not None:
+            raise ConfigError(f"space.{key}: step and log cannot go together")
+
+    def suggest(self, trial: Any, key: str) -> Any:
+        if self.type == "categorical":
+            # Optuna stores plain values only: lists and dicts (a channels pair, a class) are chosen by their index.
+            index = trial.suggest_categorical(key, list(range(len(self.choices)))) if _needs_index(self) else None
+            return self.choices[index] if index is not None else trial.suggest_categorical(key, self.choices)
+        if self.type == "int":
+            return trial.suggest_int(key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(key, self.low, self.high, step=self.step, log=self.log)
+
+    def corners(self) -> list[Any]:
+        """Values that span the distribution, to check before any trial that the config accepts them."""
+        if self.type == "categorical":
+            return list(self.choices)
+        return [int(self.low), int(self.high)] if self.type == "int" else [self.low, self.high]
+
+
+def _needs_index(dist: Distribution) -> bool:
+    return any(not isinstance(c, (str, int, float, bool, type(None))) for c in dist.choices or [])
+
+
+class OptunaPruning(Callback):
+    """Reports the objective to the Optuna trial after each validation and stops the run cleanly when it is pruned.
+
+    optuna-integration's ``PyTorchLightningPruningCallback`` imports the ``lightning.pytorch`` namespace; this
+    project uses the ``pytorch_lightning`` package, and Lightning refuses a callback of the other namespace (optuna
+    issue 4689), hence this small one on the public ``trial.report`` / ``trial.should_prune``.
+    """
+
+    def __init__(self, trial: Any, objective: str) -> None:
+        self.trial, self.objective, self.pruned = trial, objective, False
+
+    def on_validation_end(self, trainer: Trainer, pl_module: Any) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.objective)
+        if value is None:
+            logged = ", ".join(sorted(trainer.callback_metrics))
+            raise ObjectiveMissing(f"objective={self.objective}: never logged; the runs log: {logged}")
+        self.trial.report(float(value), step=trainer.global_step)
+        if self.trial.should_prune():
+            self.pruned = trainer.should_stop = True  # stops at the end of this epoch, checkpoints kept
+
+
+class ObjectiveMissing(ConfigError):
+    """The objective names a metric the runs do not log: the whole sweep stops, as for any bad config value."""
+
+
+class TrialFailed(Exception):
+    """A trial ended with a user error (a diverged training, say): recorded as failed, and the sweep goes on."""
+
+
+def _plain(value: Any) -> Any:
+    """A parsed value as plain YAML data: jsonargparse Namespaces as dicts, recursively."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _flag(key: str, value: Any) -> str:
+    return f"--{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+def _storage(url: str) -> Any:
+    """An Optuna storage with a heartbeat, so that a killed trial is marked failed and the study goes on."""
+    import optuna
+
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    check_url("storage", url)  # before SQLAlchemy imports the URL's driver by name
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat is "experimental"
+            return optuna.storages.RDBStorage(engine_url(url), heartbeat_interval=5, grace_period=20)
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy and drivers raise many kinds for a URL that cannot open
+        raise ConfigError(f"storage={redact(url)}: cannot be opened ({redact(one_line(str(err), limit=160))})") from None
+
+
+class Sweep:
+    """One study: its trials' arguments, its objective, and its results."""
+
+    def __init__(self, study_name: str, base: list[str], fixed: dict[str, Any], objective: str,
+                 direction: str, space: dict[str, Distribution], n_trials: Optional[int], timeout: Optional[float],
+                 sampler: Any, pruner: Any, storage: Optional[str], runs_dir: str, trial_args: list[str]) -> None:
+        self.study_name, self.objective, self.space = study_name, objective, space
+        self.n_trials, self.timeout, self.runs_dir = n_trials, timeout, runs_dir
+        self.folder = Path(runs_dir) / "sweeps" / study_name
+        self.storage_url = storage or f"sqlite:///{self.folder / 'study.db'}"
+        flags = [_flag(key, value) for key, value in fixed.items()]
+        quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # a line per trial
+        self.args = [a for path in base for a in ("-c", path)] + [*quiet, *flags, *trial_args, "--runs_dir", runs_dir]
+        clash = [key for key in space if key in fixed or any(a.lstrip("-").split("=")[0] == key for a in trial_args)]
+        if clash:
+            raise ConfigError(f"space.{clash[0]}: also given a fixed value; search it or fix it, not both")
+        self.direction, self.sampler, self.pruner = direction, sampler, pruner
+
+    def trial_args(self, params: dict[str, Any], number: int) -> list[str]:
+        tags = [_flag("run.tags+", self.study_name), _flag("run.tags+", f"trial-{number}")]
+        return ["fit", *self.args, *[_flag(k, v) for k, v in params.items()], *tags]
+
+    def check_space(self) -> None:
+        """Before any trial: every distribution is sound, and the config takes each key at its extremes."""
+        import contextlib
+        import io
+
+        from mnist_dlops.cli.app import run
+
+        if not self.space:
+            raise ConfigError("space: empty; name at least one config key to search")
+        from mnist_dlops.module import MNISTModule
+
+        known = set(MNISTModule().logged_metrics()) | set(MNISTModule(class_names=["0", "1"]).logged_metrics())
+        if self.objective.split("/")[0] in ("train", "val", "test") and self.objective not in known:
+            raise ObjectiveMissing(f"objective={self.objective}: not a metric the runs log ({', '.join(sorted(known))})")
+        for key, dist in self.space.items():
+            dist.check(key)
+        for key, dist in self.space.items():
+            for value in dist.corners():
+                params = {k: (value if k == key else d.corners()[0]) for k, d in self.space.items()}
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+                    try:
+                        run([*self.trial_args(params, 0), "--print_config"])
+                    except UserError as error:
+                        raise ConfigError(f"space.{key}={value!r}: {error}") from None
+                    except SystemExit as exit_:
+                        if exit_.code:  # the parser's one line names the key
+                            lines = err.getvalue().strip().splitlines() or [f"exit {exit_.code}"]
+                            raise ConfigError(f"space.{key}={value!r}: {lines[-1].removeprefix('error: ')}") from None
+
+    def objective_fn(self, trial: Any) -> float:
+        import optuna
+
+        from mnist_dlops.cli.app import run
+
+        params = {key: dist.suggest(trial, key) for key, dist in self.space.items()}
+        pruning = OptunaPruning(trial, self.objective)
+        started = time.time()
+        group = os.environ.get("WANDB_RUN_GROUP")
+        os.environ["WANDB_RUN_GROUP"] = group or self.study_name  # W&B groups the study's trials
+        try:
+            cli = run(self.trial_args(params, trial.number), callbacks=[pruning])
+        except ObjectiveMissing:
+            raise
+        except (UserError, MisconfigurationException) as err:
+            reason = one_line(str(err), limit=300)
+            trial.set_user_attr("fail_reason", reason)
+            self._report(trial.number, "failed", None, params, started, reason)
+            raise TrialFailed(reason) from None
+        finally:
+            if group is None:
+                os.environ.pop("WANDB_RUN_GROUP", None)
+        trial.set_user_attr("run_dir", str(cli.run_dir))
+        # A prune asked at the last validation stopped nothing: the trial ran to its end, so it is complete.
+        stopped_early = pruning.pruned and cli.trainer.global_step < cli.trainer.estimated_stepping_batches
+        state = "pruned" if stopped_early else "complete"
+        value = float(cli.trainer.callback_metrics[self.objective])
+        _record(cli.run_dir, {"study": self.study_name, "trial": trial.number, "state": state,
+                              "storage": self.storage_url, "objective": self.objective, "value": value})
+        self._report(trial.number, state, value, params, started, str(cli.run_dir))
+        if stopped_early:
+            raise optuna.TrialPruned()
+        return value
+
+    def _report(self, number: int, state: str, value: Optional[float], params: dict[str, Any], started: float,
+                where: str) -> None:
+        shown = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in params.items())
+        score = f" {self.objective}={value:.4f}" if value is not None else ""
+        print(f"trial {number}: {state}{score} [{shown}] {time.time() - started:.1f}s  {where}", flush=True)
+
+    def done(self, study: Any) -> int:
+        """Trials finished: complete, pruned, or failed by the run itself (not those a kill interrupted)."""
+        from optuna.trial import TrialState
+
+        return sum(
+            t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            or (t.state == TrialState.FAIL and "fail_reason" in t.user_attrs)
+            for t in study.get_trials(deepcopy=False)
+        )
+
+    def open(self) -> Any:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial, failures included, is ours
+        return optuna.create_study(storage=_storage(self.storage_url), study_name=self.study_name,
+                                   direction=self.direction, sampler=self.sampler, pruner=self.pruner,
+                                   load_if_exists=True)
+
+    def optimize(self) -> Any:
+        study = self.open()
+
+        def stop_when_done(study: Any, trial: Any) -> None:
+            if self.n_trials is not None and self.done(study) >= self.n_trials:
+                study.stop()
+
+        if self.n_trials is None or self.done(study) < self.n_trials:
+            study.optimize(self.objective_fn, timeout=self.timeout, catch=(TrialFailed,), callbacks=[stop_when_done])
+        return study
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return value.rsplit(".", 1)[-1] if isinstance(value, str) and "." in value else str(value)
+
+
+def _record(run_dir: Path, sweep: dict[str, Any]) -> None:
+    """Mark the run as a trial of the study in its provenance (the runs table reads it from there)."""
+    path = Path(run_dir) / "provenance.yaml"
+    record = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    record["sweep"] = sweep
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(record, sort_keys=False))
+    tmp.replace(path)
+
+
+def _write_results(sweep: Sweep, study: Any, started: float) -> None:
+    """``best.yaml``, ``trials.csv`` and Optuna's plots in the study's folder, and a one-screen summary."""
+    from optuna.trial import TrialState
+
+    folder = sweep.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
+    trials.to_csv(folder / "trials.csv", index=False)
+    counts = {state.name.lower(): len(study.get_trials(deepcopy=False, states=(state,)))
+              for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
+    lines = [f"study {sweep.study_name} ({sweep.storage_url}): " + ", ".join(f"{n} {s}" for s, n in counts.items()),
+             f"wall time {time.time() - started:.0f} s"]
+    if counts["complete"]:
+        best = study.best_trial
+        run_dir = Path(best.user_attrs["run_dir"])
+        # The trial's config, less the tags that made its run a trial of the study: a rerun is not trial N again.
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        run = config.setdefault("run", {})
+        run["tags"] = [t for t in run.get("tags") or [] if t not in (sweep.study_name, f"trial-{best.number}")]
+        run["note"] = run.get("note") or f"rerun of sweep {sweep.study_name}, trial {best.number}"
+        (folder / "best.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        lines += [f"best: trial {best.number}, {sweep.objective}={best.value:.4f}  ({run_dir})",
+                  "  " + ", ".join(f"{k}={_short(v)}" for k, v in best.params.items()),
+                  f"rerun it: {invoked('fit')} -c {folder / 'best.yaml'}"]
+        lines.append(f"plots: {', '.join(_plots(study, folder))}")
+    lines.append(f"trials: {folder / 'trials.csv'};  runs: {invoked('runs')} --where sweep={sweep.study_name}")
+    print("\n".join(lines))
+
+
+def _plots(study: Any, folder: Path) -> list[str]:
+    """Optuna's matplotlib views of the study; one that cannot be drawn yet (too few trials) is left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.visualization import matplotlib as views
+
+    written = []
+    for name in ("optimization_history", "param_importances", "parallel_coordinate", "slice"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)  # Optuna marks its matplotlib views so
+                axes = getattr(views, f"plot_{name}")(study)
+        except (ValueError, RuntimeError, ZeroDivisionError):  # e.g. importances need two complete trials
+            continue
+        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
+        figure.savefig(folder / f"{name}.png", dpi=90, bbox_inches="tight")
+        plt.close(figure)
+        written.append(f"{name}.png")
+    return written
+
+
+def sweep(
+    study_name: str,
+    space: dict[str, Distribution],
+    base: Optional[list[str]] = None,
+    fixed: Optional[dict[str, Any]] = None,
+    objective: str = "val/loss",
+    direction: Literal["minimize", "maximize"] = "minimize",
+    n_trials: Optional[int] = 10,
+    timeout: Optional[float] = None,
+    sampler: Optional[dict[str, Any]] = None,
+    pruner: Optional[dict[str, Any]] = None,
+    storage: Optional[str] = None,
+    workers: int = 1,
+    runs_dir: str = "lightning_logs",
+    write_results: bool = True,
+    trial_args: Optional[list[str]] = None,
+) -> Any:
+    """Search ``space`` with Optuna; each trial is a ``cli.py fit`` run. Returns the Optuna study.
+
+    Args:
+        study_name: The study's name: its folder is ``<runs_dir>/sweeps/<study_name>`` and its runs are tagged with it.
+        space: Config key (``model.optimizer.init_args.lr``) -> its distribution.
+        base: Experiment configs the trials stack on, in order (``configs/binary.yaml``...).
+        fixed: Config key -> value for every trial (``trainer.max_epochs: 1``).
+        objective: The logged metric to optimize; reported to the pruner after each validation.
+        direction: ``minimize`` (a loss) or ``maximize`` (an accuracy).
+        n_trials: Finished trials the study should hold (complete, pruned or failed); null: until ``timeout``.
+        timeout: Stop starting trials after this many seconds (this command's, not the study's).
+        sampler: An Optuna sampler as ``{class_path: optuna.samplers.TPESampler, init_args: {seed: 0}}``; default TPE.
+        pruner: An Optuna pruner, the same way; default ``optuna.pruners.MedianPruner``.
+        storage: Optuna storage URL; default ``sqlite:///<runs_dir>/sweeps/<study_name>/study.db``. A PostgreSQL URL
+            (``postgresql://user@host/db``) or ``journal:/shared/path/study.log`` lets several machines share it.
+        workers: Trial processes to run at once on this machine (each gets its share of the CPU threads).
+        runs_dir: Folder of the runs (as ``cli.py --runs_dir``).
+        write_results: Write ``best.yaml``, ``trials.csv`` and the plots at the end (workers leave it to their parent).
+        trial_args: Further ``cli.py fit`` flags for every trial (on the command line: any flag not listed here).
+    """
+    if workers < 1:
+        raise ConfigError(f"workers={workers}: must be >= 1")
+    # The study's folder is <runs_dir>/sweeps/<study_name>: one plain path component, never a way out of it.
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", study_name) or ".." in study_name:
+        raise ConfigError(f"study_name={study_name!r}: use letters, digits, '_', '-' and '.' (it names a folder)")
+    if n_trials is not None and n_trials < 1:
+        raise ConfigError(f"n_trials={n_trials}: must be >= 1 (or null, to run until timeout)")
+    if timeout is not None and not timeout > 0:
+        raise ConfigError(f"timeout={timeout}: must be > 0 seconds (or null)")
+    if n_trials is None and timeout is None:
+        raise ConfigError("n_trials=null and timeout=null: the sweep would never stop; give one of them")
+    space = {k: v if isinstance(v, Distribution) else Distribution(**v) for k, v in space.items()}
+    the_sweep = Sweep(
+        study_name, base or [], fixed or {}, objective, direction, space, n_trials, timeout,
+        _optuna_object(sampler, "sampler", "optuna.samplers.TPESampler"),
+        _optuna_object(pruner, "pruner", "optuna.pruners.MedianPruner"),
+        storage, runs_dir, trial_args or [],
+    )
+    the_sweep.check_space()
+    the_sweep.open()  # a storage that cannot be opened fails here, before any trial
+    started = time.time()
+    if workers == 1:
+        study = the_sweep.optimize()
+    else:
+        worker_config = {
+            "study_name": study_name, "space": {k: asdict(v) for k, v in space.items()}, "base": base or [],
+            "fixed": fixed or {}, "objective": objective, "direction": direction, "n_trials": n_trials,
+            "timeout": timeout, "sampler": sampler, "pruner": pruner, "storage": the_sweep.storage_url,
+            "runs_dir": runs_dir, "workers": 1, "write_results": False,
+        }
+        study = _run_workers(the_sweep, worker_config, trial_args or [], workers)
+    if write_results:
+        _write_results(the_sweep, study, started)
+    return study
+
+
+def _optuna_object(value: Optional[dict[str, Any]], kind: str, default: str) -> Any:
+    """An Optuna sampler or pruner from ``{class_path, init_args}``: only Optuna's own classes of that kind."""
+    import importlib
+
+    import optuna
+
+    value = value or {"class_path": default}
+    path = str(value.get("class_path", ""))
+    base = optuna.samplers.BaseSampler if kind == "sampler" else optuna.pruners.BasePruner
+    module, _, name = path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None) if module.startswith("optuna.") else None
+    if not (inspect.isclass(cls) and issubclass(cls, base)):
+        raise ConfigError(f"{kind}: {path!r} is not allowed: name an optuna.{kind}s class")
+    try:
+        return cls(**(value.get("init_args") or {}))
+    except (TypeError, ValueError) as err:  # an argument the class does not take, or a value it refuses
+        raise ConfigError(f"{kind}.init_args: {path} refuses them ({one_line(str(err), limit=160)})") from None
+
+
+def parse(argv: list[str]) -> dict[str, Any]:
+    """``sweep``'s arguments from a command line: its own options, and every other flag as ``trial_args``."""
+    from jsonargparse import ActionConfigFile
+
+    from mnist_dlops.cli.parser import OneLineParser
+
+    # The sweep's own options are sweep()'s arguments; every other flag is a fixed override for the trials.
+    own_options = {*inspect.signature(sweep).parameters, "config", "c", "print_config", "help", "h"} - {"trial_args"}
+    own, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.lstrip("-").split("=")[0].split(".")[0]
+        takes_value = arg.startswith("-") and "=" not in arg and name not in ("help", "h", "print_config")
+        group = own if name in own_options else rest
+        group.append(arg)
+        if takes_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            group.append(argv[i + 1])
+            i += 1
+        i += 1
+    parser = OneLineParser(prog=invoked("sweep"), description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="A sweep config (configs/sweeps/*.yaml).")
+    parser.add_function_arguments(sweep, as_positional=False, skip={"trial_args"})
+    options = parser.instantiate(parser.parse_args(own)).as_dict()
+    options.pop("config", None)
+    return {**options, "trial_args": rest}
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """``python -m mnist_dlops.sweep``: one-line errors; exit 2 for a bad sweep, before any trial starts."""
+    import logging
+
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Lightning's start-up lines for every trial (devices, seed) would bury the sweep's one line per trial.
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        with user_errors():
+            sweep(**parse(argv))
+    except (SIGTERMException, KeyboardInterrupt) as err:
+        print("stopped; run the same command again to continue the study", file=sys.stderr)
+        sys.exit(143 if isinstance(err, SIGTERMException) else 130)
+
+
+def _run_workers(the_sweep: Sweep, config: dict[str, Any], trial_args: list[str], workers: int) -> Any:
+    """``workers`` processes on one study, each with its share of the CPU threads; the study once they are done."""
+    the_sweep.folder.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    processes = []
+    for worker in range(workers):
+        # A seeded sampler gets a seed per worker: the same seed everywhere would draw the same trials.
+        sampler = json.loads(json.dumps(config["sampler"] or {}))
+        if "seed" in (sampler.get("init_args") or {}):
+            sampler["init_args"]["seed"] += worker
+        worker_file = the_sweep.folder / f"worker-{worker}.yaml"
+        worker_file.write_text(yaml.safe_dump({**config, "sampler": sampler or None}, sort_keys=False))
+        command = [sys.executable, "-m", "mnist_dlops.sweep", "-c", str(worker_file), *trial_args]
+        processes.append(subprocess.Popen(command, env=env))
+    codes = [p.wait() for p in processes]
+    if any(codes):
+        raise UserError(f"a worker failed (exit codes {codes}); the study keeps what finished: rerun to continue")
+    return the_sweep.open()
+
+
+if __name__ == "__main__":
+    main()

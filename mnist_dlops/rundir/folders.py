@@ -1,0 +1,98 @@
+"""A run's folders: one ``version_N`` per run, claimed atomically; the runs under a folder; free file names; and
+writes that land whole or not at all (a file, a folder)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary file beside it: a reader sees the old file or the new, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def replacing(out: Path) -> Iterator[Path]:
+    """A fresh folder to write into, swapped in for ``out`` when the block succeeds (left as it was if not)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    staging.chmod(0o755)  # mkdtemp's 0700 would make the data version unreadable to others
+    try:
+        yield staging
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-old-"))
+            os.replace(out, old / "data")
+            os.replace(staging, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+_VERSION = re.compile(r"version_(\d+)$")
+
+
+# One run, one directory: Lightning lets each logger pick its own folder and version, so two trackers of one run
+# could disagree (TensorBoard in version_3, CSV in version_4). The CLI claims the directory first and gives it to the
+# trainer and to every logger whose save_dir is null.
+def claim_run_dir(runs_dir: Path) -> Path:
+    """Create and return ``runs_dir/version_N`` for the lowest free N.
+
+    ``mkdir`` either creates the directory or fails because it exists, atomically, so two runs started at the same
+    instant never share a directory.
+    """
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    taken = [int(m.group(1)) for p in runs_dir.iterdir() if (m := _VERSION.match(p.name))]
+    n = max(taken, default=-1) + 1
+    while True:
+        try:
+            (runs_dir / f"version_{n}").mkdir()
+            return runs_dir / f"version_{n}"
+        except FileExistsError:
+            n += 1
+
+
+def training_runs(runs_dir: Path) -> list[Path]:
+    """The run folders under ``runs_dir`` that hold a training config, in version order."""
+    runs = [p for p in runs_dir.glob("version_*") if _VERSION.match(p.name) and (p / "config.yaml").is_file()]
+    return sorted(runs, key=lambda p: int(_VERSION.match(p.name).group(1)))
+
+
+def recorded_best(last_checkpoint: dict[str, Any], folder: Path) -> tuple[Optional[str], Optional[Path]]:
+    """The best checkpoint the checkpoint callback recorded in a loaded ``last.ckpt``: (recorded path, existing file).
+
+    The file is looked up in ``folder`` (where last.ckpt is) first, so a moved run still finds it; None if gone.
+    """
+    states = last_checkpoint.get("callbacks", {}).values()
+    best = next((s["best_model_path"] for s in states if isinstance(s, dict) and s.get("best_model_path")), None)
+    if not best:
+        return None, None
+    found = next((c for c in (folder / Path(best).name, Path(best)) if c.is_file()), None)
+    return best, found
+
+
+def run_dir_of(ckpt_path: str | None) -> Path | None:
+    """The run directory a checkpoint was written in (``<run>/checkpoints/x.ckpt``), if it is one of ours."""
+    if not ckpt_path:
+        return None
+    run = Path(ckpt_path).resolve().parent.parent
+    return run if (run / "config.yaml").is_file() else None
+
+
+def free_name(folder: Path, stem: str, suffix: str) -> Path:
+    """``folder/stem.suffix``, or ``stem-1.suffix``, ``stem-2.suffix``... whichever does not exist yet."""
+    path, n = folder / f"{stem}{suffix}", 0
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}{suffix}"
+    return path
