@@ -28,6 +28,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from mnist_dlops.data.images import normalize
 from mnist_dlops.errors import DivergedError
 from mnist_dlops.networks import FastCNN
 from mnist_dlops.schedules import OneCycleLR
@@ -35,8 +36,6 @@ from mnist_dlops.schedules import OneCycleLR
 NetworkCallable = Callable[[int], nn.Module]  # num_classes -> network
 ScheduleCallable = Callable[[Optimizer, int], LRScheduler]  # (optimizer, total_steps) -> per-step schedule
 
-# Mean and standard deviation of MNIST's training pixels, in [0, 1] units.
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 STAGES = ("train", "val", "test")
 
 
@@ -157,8 +156,7 @@ class MNISTModule(pl.LightningModule):
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits for a batch of MNIST images: uint8 ``[N, 1, 28, 28]`` (0-255), as the data module serves them."""
-        x = (images.float() / 255.0 - MNIST_MEAN) / MNIST_STD
-        return self.network(x)
+        return self.network(normalize(images))
 
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         """Loss and logits of a batch, with the stage's loss and metrics logged."""

@@ -20,7 +20,7 @@ import importlib
 import inspect
 import re
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Optional
 
 from mnist_dlops.errors import ConfigError
 from mnist_dlops.importguard import TRUST_ENV, user_trusted
@@ -93,7 +93,7 @@ def _named(tree: Any, slots: Iterable[str]) -> Iterator[tuple[str, Any]]:
             yield key, value
 
 
-def _resolve(key: str, path: str) -> Any:
+def resolve(key: str, path: str) -> Any:
     """The object a dotted path names: the longest importable module, then attributes (``pkg.Class.method``)."""
     parts = path.split(".")
     for depth in range(len(parts) - 1, 0, -1):
@@ -110,18 +110,19 @@ def _resolve(key: str, path: str) -> Any:
     raise ConfigError(f"{key}: {path!r} cannot be imported")
 
 
-def check_classes(tree: Any) -> None:
+def check_classes(tree: Any, kinds: Optional[dict[str, tuple[type, ...]]] = None) -> None:
     """Refuse a config (parsed, or a checkpoint's plain dict) naming anything but a trusted class of its slot's kind.
 
     Keys are full config keys (``model.network``, ``trainer.callbacks[0]``); run it before instantiating anything.
+    ``kinds``: slot -> the base classes it takes (default: the run config's slots; ``nested`` for ``init_args``).
     """
-    kinds = _slot_kinds()
+    kinds = kinds or _slot_kinds()
     for key, named in _named(tree, kinds):
         path = named if isinstance(named, str) else f"{named.__module__}.{named.__qualname__}"
         top = path.split(".")[0]
         if top not in trusted_packages():
             raise ConfigError(f"{key}: {path!r} is not allowed: {_hint(top)}")
-        obj = _resolve(key, path) if isinstance(named, str) else named
+        obj = resolve(key, path) if isinstance(named, str) else named
         slot = "nested" if ".init_args." in key else _INDEX.sub("", key)
         expected = kinds.get(slot, kinds["nested"])
         names = " or ".join(f"{kind.__module__}.{kind.__qualname__}" for kind in expected)

@@ -222,10 +222,20 @@ def check_resumable(checkpoint: dict[str, Any], config: Namespace) -> None:
                           f"{invoked('fit')} -c {os.path.relpath(run / 'config.yaml')} --trainer.max_epochs {done + 1}")
 
 
-def run(args: ArgsType = None, callbacks: Sequence[Callback] = ()) -> MNISTCLI:
+class ConfigCheck(MNISTCLI):
+    """A ``fit`` command line (less its ``fit``) parsed and its values checked, with nothing built or written: the
+    sweep's check of its search space (LightningCLI's ``run=False`` parses, then instantiates: here it only checks)."""
+
+    def instantiate_classes(self) -> None:
+        check_classes(self.config)
+        check_values(self.config)
+
+
+def run(args: ArgsType = None, callbacks: Sequence[Callback] = (), check: bool = False) -> MNISTCLI:
     """One run from Python: parse ``args`` (default: the command line), run the subcommand, return the CLI (its
     ``trainer``, ``model``, ``run_dir``). The user's mistakes are raised (``UserError``, Lightning's
     ``MisconfigurationException``), not printed; ``callbacks`` join the trainer's for this run only (a sweep's pruner).
+    ``check``: only parse and check ``args``, a ``fit`` command line without the ``fit`` (see ``ConfigCheck``).
 
     Re-entrant: each call is one run in its own directory, and leaves the process environment as it found it
     (our run directory variable for DDP's children, Lightning's ``PL_GLOBAL_SEED``...), so a sweep or a test can call
@@ -235,7 +245,7 @@ def run(args: ArgsType = None, callbacks: Sequence[Callback] = ()) -> MNISTCLI:
     try:
         # Whatever the config, checkpoint or URL names, nothing untrusted is imported; libraries' noise is not printed.
         with guarded_imports(), quiet():
-            return MNISTCLI(
+            return (ConfigCheck if check else MNISTCLI)(
                 MNISTModule,
                 MNISTDataModule,
                 args=args,
@@ -244,6 +254,7 @@ def run(args: ArgsType = None, callbacks: Sequence[Callback] = ()) -> MNISTCLI:
                 trainer_defaults={"callbacks": [ResumeState(), PredictionCSV(), *callbacks]},
                 auto_configure_optimizers=False,
                 parser_class=OneLineParser,
+                run=not check,
             )
     finally:
         for key in set(os.environ) - set(environ):

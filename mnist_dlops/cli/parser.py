@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from typing import Any, NoReturn
 
 from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser
 
-from mnist_dlops.errors import ConfigError
+from mnist_dlops.cli import argv
+from mnist_dlops.errors import ConfigError, UserError
 from mnist_dlops.importguard import GATE
 from mnist_dlops.rundir.checkpoints import check_filename
 
@@ -24,9 +24,15 @@ def one_line(message: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+class ArgumentsError(UserError):
+    """A command line or config file the parser refuses; not a ``ValueError``, which jsonargparse would catch."""
+
+    exit_code = 2
+
+
 class OneLineParser(LightningArgumentParser):
     """LightningCLI's parser with argparse's prefix matching off (``--trainer.max_epoch`` is an error, not
-    ``max_epochs``) and errors printed as a single ``error:`` line, exit status 2, no usage dump."""
+    ``max_epochs``) and its errors raised as one line (``user_errors`` prints it, exit status 2, no usage dump)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["allow_abbrev"] = False
@@ -39,8 +45,7 @@ class OneLineParser(LightningArgumentParser):
             keys = re.findall(r'Parser key "([^"]+)"', str(message))  # outermost first: model, model.network
             keys = [key for key, inner in zip(keys, [*keys[1:], ""]) if not inner.startswith(key)]
             message = ": ".join([*keys, GATE.refused[-1]])
-        print(f"error: {one_line(message)}", file=sys.stderr)
-        sys.exit(2)
+        raise ArgumentsError(one_line(message))
 
 
 def check_values(config: Namespace) -> None:
@@ -79,11 +84,8 @@ def check_config_files(args: list[str]) -> None:
     """Every ``-c``/``--config`` file that exists must be valid YAML; the error names the file and the line."""
     import yaml
 
-    for i, arg in enumerate(args):
-        path = args[i + 1] if arg in ("-c", "--config") and i + 1 < len(args) else None
-        if arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        if not path or "\n" in path or not os.path.isfile(path):
+    for path in argv.config_files(args):
+        if "\n" in path or not os.path.isfile(path):
             continue  # a missing file is jsonargparse's to report; a YAML string is parsed as such
         try:
             with open(path) as f:

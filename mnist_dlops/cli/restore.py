@@ -13,23 +13,13 @@ from typing import Any, Optional
 
 import yaml
 
+from mnist_dlops.cli import argv
 from mnist_dlops.errors import CheckpointError, ConfigError, invoked
 from mnist_dlops.rundir.checkpoints import STATE_KEY, load_checkpoint
 from mnist_dlops.rundir.folders import recorded_best, training_runs
 from mnist_dlops.trust import check_classes
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-
-
-def option_value(args: list[str], name: str) -> tuple[Optional[str], Optional[int]]:
-    """The value of ``--name X`` or ``--name=X`` in ``args``, and the index holding it (last one wins)."""
-    value, where = None, None
-    for i, arg in enumerate(args):
-        if arg == f"--{name}" and i + 1 < len(args):
-            value, where = args[i + 1], i + 1
-        elif arg.startswith(f"--{name}="):
-            value, where = arg.split("=", 1)[1], i
-    return value, where
 
 
 def latest_run(runs_dir: Path) -> Path:
@@ -128,20 +118,20 @@ def checkpoint_config(checkpoint: dict[str, Any], subcommand: str, path: Path) -
 def restore_from_checkpoint(args: list[str]) -> tuple[list[str], Optional[Path]]:
     """``args`` with ``--ckpt_path`` resolved to a file and that checkpoint's config inserted as the first
     ``--config``, and the checkpoint file (already loaded and checked here), if there is one."""
-    sub = next((i for i, arg in enumerate(args) if arg in SUBCOMMANDS), None)
+    sub = argv.subcommand(args, SUBCOMMANDS)
     if sub is None:
         return args, None
     head, rest = args[: sub + 1], args[sub + 1 :]
-    value, where = option_value(rest, "ckpt_path")
-    if not value or "-h" in rest or "--help" in rest:
+    option = argv.last(rest, "ckpt_path")
+    if option is None or not option.value or argv.last(rest, "help"):
         return args, None
-    runs_dir = Path(option_value(rest, "runs_dir")[0] or "lightning_logs")
-    path = resolve_ckpt(value, runs_dir)
+    runs_dir = argv.last(rest, "runs_dir")
+    value = option.value
+    path = resolve_ckpt(value, Path(runs_dir.value if runs_dir and runs_dir.value else "lightning_logs"))
     config = checkpoint_config(load_checkpoint(path), args[sub], path)
     try:  # strictly, before the parser imports anything the checkpoint names
         check_classes(config)
     except ConfigError as err:
         raise CheckpointError(f"{path}: {err}") from None
-    rest = list(rest)
-    rest[where] = str(path) if rest[where] == value else f"--ckpt_path={path}"
+    rest = [*rest[: option.start], f"--ckpt_path={path}", *rest[option.end :]]
     return [*head, "--config", yaml.safe_dump(config, sort_keys=False), *rest], path

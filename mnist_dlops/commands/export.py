@@ -24,12 +24,13 @@ import yaml
 from torch import Tensor, nn
 
 from mnist_dlops.cli.restore import resolve_ckpt
+from mnist_dlops.data.images import normalize
 from mnist_dlops.errors import ConfigError, invoked, user_errors
-from mnist_dlops.module import MNIST_MEAN, MNIST_STD, MNISTModule
+from mnist_dlops.module import MNISTModule
 from mnist_dlops.rundir.folders import free_name
 from mnist_dlops.serve.monitoring import Reference, reference_of
 
-Format = Literal["torchscript", "onnx"]
+Format = Literal["torchscript", "onnx"]  # the export formats, as export, the registry and the server name them
 
 
 class Probabilities(nn.Module):
@@ -45,7 +46,7 @@ class Probabilities(nn.Module):
         self.class_names = list(model.class_names)
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.network((images.float() / 255.0 - MNIST_MEAN) / MNIST_STD).softmax(-1)
+        return self.network(normalize(images)).softmax(-1)
 
 
 def rebuild(path: Path) -> MNISTModule:

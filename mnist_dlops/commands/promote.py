@@ -103,13 +103,13 @@ def promote(
     """
     from mlflow.exceptions import MlflowException
 
-    from mnist_dlops.commands.registry import _client, check_name, store
+    from mnist_dlops.commands.registry import check_name, open_client, store
     from mnist_dlops.serve.model import from_registry
 
     if tolerance < 0:
         raise ConfigError(f"tolerance={tolerance}: must be >= 0")
     with store(f"promote {name}"):
-        client = _client(runs_dir, tracking_uri)
+        client = open_client(runs_dir, tracking_uri)
         if not check_name(client, name):
             raise ConfigError(f"name={name}: no registered model of that name")
         if candidate is None:

@@ -27,17 +27,16 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 from mnist_dlops.cli.restore import resolve_ckpt, run_checkpoint
-from mnist_dlops.commands.export import export, rebuild, sample_images
+from mnist_dlops.commands.export import Format, export, rebuild, sample_images
 from mnist_dlops.data.versions import version_label
 from mnist_dlops.errors import ConfigError, UserError, invoked, user_errors
 from mnist_dlops.serve.monitoring import REFERENCE_FILE
-from mnist_dlops.trackers.mlflow import RUN_ID_FILE, artifact_root, store_uri
+from mnist_dlops.trackers.mlflow import RUN_ID_FILE, artifact_root, store_client, store_uri
 from mnist_dlops.trust import check_url, redact
 
-Format = Literal["torchscript", "onnx"]
 EXPERIMENT = "mnist-dlops"
 # Model version tags that `list` shows, besides the run and the data fingerprint.
 SHOWN_METRICS = ("val/acc", "val/loss", "test/acc")
@@ -47,13 +46,9 @@ class RegistryError(UserError):
     """MLflow refused an operation on the store (a locked or read-only database, a missing version...)."""
 
 
-def _client(runs_dir: str, tracking_uri: Optional[str]) -> Any:
-    """A client of the store. Never ``mlflow.set_tracking_uri``: it also sets ``MLFLOW_TRACKING_URI`` in the
-    process environment, and every later run in the process (a test, a sweep) would log into this store."""
-    import mlflow
-
-    uri = store_uri(Path(runs_dir), tracking_uri)
-    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+def open_client(runs_dir: str, tracking_uri: Optional[str]) -> Any:
+    """A client of the runs folder's store, or of ``tracking_uri``'s."""
+    return store_client(store_uri(Path(runs_dir), tracking_uri))
 
 
 def _store_errors() -> tuple[type[BaseException], ...]:
@@ -101,7 +96,9 @@ def sweep_best(study: str, runs_dir: str, storage: Optional[str] = None) -> Path
     import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
-    storage = check_url("sweep_storage", storage or f"sqlite:///{Path(runs_dir) / 'sweeps' / study / 'study.db'}")
+    from mnist_dlops.commands.sweep import study_storage
+
+    storage = check_url("sweep_storage", storage or study_storage(runs_dir, study))
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
         raise ConfigError(f"sweep={study}: no study at {storage} (run the sweep first, or pass --sweep_storage)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -246,7 +243,7 @@ def register(
     path = path.resolve()  # recorded in the registry: absolute, so that it means the same from anywhere
     module = rebuild(path)  # the same checks as every other entry point: weights-only, trusted classes of its kind
     with store(f"opening the registry {store_uri(Path(runs_dir), tracking_uri)}"):
-        client = _client(runs_dir, tracking_uri)
+        client = open_client(runs_dir, tracking_uri)
         existed = check_name(client, name)
     run_dir = path.parent.parent
     data, metrics = _run_record(run_dir)
@@ -309,7 +306,7 @@ def alias(target: str, version: int, runs_dir: str = "lightning_logs", tracking_
     if not sep or not name or not label:
         raise ConfigError(f"target={target!r}: expected <name>@<alias>, e.g. mnist-digits@production")
     with store(f"alias {target}"):
-        client = _client(runs_dir, tracking_uri)
+        client = open_client(runs_dir, tracking_uri)
         if not check_name(client, name):
             raise ConfigError(f"target={target}: no registered model named {name!r}")
         try:
@@ -326,7 +323,7 @@ def versions(name: Optional[str] = None, runs_dir: str = "lightning_logs",
              tracking_uri: Optional[str] = None) -> list[dict[str, Any]]:
     """The registered versions (of ``name``, or of every model), newest first, as rows of plain values."""
     with store(f"reading the registry {store_uri(Path(runs_dir), tracking_uri)}"):
-        return _versions(_client(runs_dir, tracking_uri), name)
+        return _versions(open_client(runs_dir, tracking_uri), name)
 
 
 def _versions(client: Any, name: Optional[str]) -> list[dict[str, Any]]:

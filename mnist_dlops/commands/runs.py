@@ -16,7 +16,7 @@ import operator
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
 
@@ -51,8 +51,13 @@ def history(run: Path) -> pd.DataFrame:
     return pd.DataFrame(columns=["tag", "step", "value"])
 
 
-def _short(class_path: Optional[str]) -> Optional[str]:
-    return class_path.rsplit(".", 1)[-1] if class_path else None
+def short(value: Any) -> Optional[str]:
+    """A value as the runs table and the sweep's report show it: a class path by its name, a float to 3 digits."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return value.rsplit(".", 1)[-1] if isinstance(value, str) and "." in value else str(value)
 
 
 def best_checkpoint(run: Path) -> Optional[str]:
@@ -89,9 +94,9 @@ def run_row(run: Path) -> dict[str, object]:
     row: dict[str, object] = {
         "run": run.name,
         "date": datetime.fromtimestamp((run / "config.yaml").stat().st_mtime).strftime("%Y-%m-%d %H:%M"),
-        "model": _short((model.get("network") or {}).get("class_path")),
+        "model": short((model.get("network") or {}).get("class_path")),
         "task": data.get("task", "multiclass") + (f" ({data.get('digit', 3)})" if data.get("task") == "binary" else ""),
-        "optimizer": _short(optimizer.get("class_path")),
+        "optimizer": short(optimizer.get("class_path")),
         # The peak the schedule follows: its max_lr when one is set, else the optimizer's lr.
         "lr": ((model.get("lr_scheduler") or {}).get("init_args") or {}).get("max_lr")
         or (optimizer.get("init_args") or {}).get("lr"),

@@ -13,7 +13,6 @@ same command again continues it, and running it on several machines shares it.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -21,7 +20,7 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -30,9 +29,12 @@ from jsonargparse import Namespace
 from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
+from mnist_dlops.cli import argv as command_line
 from mnist_dlops.cli.parser import one_line
+from mnist_dlops.commands.runs import short
 from mnist_dlops.errors import ConfigError, UserError, invoked, user_errors
-from mnist_dlops.trust import check_url, engine_url, redact
+from mnist_dlops.rundir.folders import write_atomic
+from mnist_dlops.trust import check_classes, check_url, engine_url, redact, resolve
 
 
 @dataclass
@@ -160,23 +162,85 @@ def _storage(url: str) -> Any:
         raise ConfigError(f"storage={redact(url)}: cannot be opened ({redact(one_line(str(err), limit=160))})") from None
 
 
+@dataclass
+class SweepOptions:
+    """A sweep, as a sweep config file or the command line gives it (jsonargparse parses these fields).
+
+    Args:
+        study_name: The study's name: its folder is ``<runs_dir>/sweeps/<study_name>`` and its runs are tagged with it.
+        space: Config key (``model.optimizer.init_args.lr``) -> its distribution.
+        base: Experiment configs the trials stack on, in order (``configs/binary.yaml``...).
+        fixed: Config key -> value for every trial (``trainer.max_epochs: 1``).
+        objective: The logged metric to optimize; reported to the pruner after each validation.
+        direction: ``minimize`` (a loss) or ``maximize`` (an accuracy).
+        n_trials: Finished trials the study should hold (complete, pruned or failed); null: until ``timeout``.
+        timeout: Stop starting trials after this many seconds (this command's, not the study's).
+        sampler: An Optuna sampler as ``{class_path: optuna.samplers.TPESampler, init_args: {seed: 0}}``; default TPE.
+        pruner: An Optuna pruner, the same way; default ``optuna.pruners.MedianPruner``.
+        storage: Optuna storage URL; default ``sqlite:///<runs_dir>/sweeps/<study_name>/study.db``. A PostgreSQL URL
+            (``postgresql://user@host/db``) or ``journal:/shared/path/study.log`` lets several machines share it.
+        workers: Trial processes to run at once on this machine (each gets its share of the CPU threads).
+        runs_dir: Folder of the runs (as ``cli.py --runs_dir``).
+        write_results: Write ``best.yaml``, ``trials.csv`` and the plots at the end (workers leave it to their parent).
+    """
+
+    study_name: str
+    space: dict[str, Distribution]
+    base: list[str] = field(default_factory=list)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    objective: str = "val/loss"
+    direction: Literal["minimize", "maximize"] = "minimize"
+    n_trials: Optional[int] = 10
+    timeout: Optional[float] = None
+    sampler: Optional[dict[str, Any]] = None
+    pruner: Optional[dict[str, Any]] = None
+    storage: Optional[str] = None
+    workers: int = 1
+    runs_dir: str = "lightning_logs"
+    write_results: bool = True
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"workers={self.workers}: must be >= 1")
+        # The study's folder is <runs_dir>/sweeps/<study_name>: one plain path component, never a way out of it.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.study_name) or ".." in self.study_name:
+            raise ConfigError(f"study_name={self.study_name!r}: use letters, digits, '_', '-' and '.' (it names a folder)")
+        if self.n_trials is not None and self.n_trials < 1:
+            raise ConfigError(f"n_trials={self.n_trials}: must be >= 1 (or null, to run until timeout)")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ConfigError(f"timeout={self.timeout}: must be > 0 seconds (or null)")
+        if self.n_trials is None and self.timeout is None:
+            raise ConfigError("n_trials=null and timeout=null: the sweep would never stop; give one of them")
+        self.space = {k: v if isinstance(v, Distribution) else Distribution(**v) for k, v in self.space.items()}
+        self.base, self.fixed = self.base or [], self.fixed or {}
+        self.storage = self.storage or study_storage(self.runs_dir, self.study_name)
+
+
+def study_storage(runs_dir: str, study_name: str) -> str:
+    """A study's default storage: its own SQLite file in its folder (the registry finds a sweep's best trial there)."""
+    return f"sqlite:///{Path(runs_dir) / 'sweeps' / study_name / 'study.db'}"
+
+
 class Sweep:
     """One study: its trials' arguments, its objective, and its results."""
 
-    def __init__(self, study_name: str, base: list[str], fixed: dict[str, Any], objective: str,
-                 direction: str, space: dict[str, Distribution], n_trials: Optional[int], timeout: Optional[float],
-                 sampler: Any, pruner: Any, storage: Optional[str], runs_dir: str, trial_args: list[str]) -> None:
-        self.study_name, self.objective, self.space = study_name, objective, space
-        self.n_trials, self.timeout, self.runs_dir = n_trials, timeout, runs_dir
-        self.folder = Path(runs_dir) / "sweeps" / study_name
-        self.storage_url = storage or f"sqlite:///{self.folder / 'study.db'}"
-        flags = [_flag(key, value) for key, value in fixed.items()]
+    def __init__(self, options: SweepOptions, trial_args: list[str]) -> None:
+        self.options = options
+        self.study_name, self.objective, self.space = options.study_name, options.objective, options.space
+        self.n_trials, self.timeout, self.runs_dir = options.n_trials, options.timeout, options.runs_dir
+        self.folder = Path(options.runs_dir) / "sweeps" / options.study_name
+        self.storage_url = options.storage
+        flags = [_flag(key, value) for key, value in options.fixed.items()]
         quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # a line per trial
-        self.args = [a for path in base for a in ("-c", path)] + [*quiet, *flags, *trial_args, "--runs_dir", runs_dir]
-        clash = [key for key in space if key in fixed or any(a.lstrip("-").split("=")[0] == key for a in trial_args)]
+        self.args = [a for path in options.base for a in ("-c", path)] + [*quiet, *flags, *trial_args,
+                                                                          "--runs_dir", options.runs_dir]
+        clash = [key for key in self.space
+                 if key in options.fixed or any(o.name == key for o in command_line.options(trial_args))]
         if clash:
             raise ConfigError(f"space.{clash[0]}: also given a fixed value; search it or fix it, not both")
-        self.direction, self.sampler, self.pruner = direction, sampler, pruner
+        self.direction = options.direction
+        self.sampler = _optuna_object(options.sampler, "sampler", "optuna.samplers.TPESampler")
+        self.pruner = _optuna_object(options.pruner, "pruner", "optuna.pruners.MedianPruner")
 
     def trial_args(self, params: dict[str, Any], number: int) -> list[str]:
         tags = [_flag("run.tags+", self.study_name), _flag("run.tags+", f"trial-{number}")]
@@ -184,15 +248,11 @@ class Sweep:
 
     def check_space(self) -> None:
         """Before any trial: every distribution is sound, and the config takes each key at its extremes."""
-        import contextlib
-        import io
-
         from mnist_dlops.cli.app import run
+        from mnist_dlops.module import MNISTModule
 
         if not self.space:
             raise ConfigError("space: empty; name at least one config key to search")
-        from mnist_dlops.module import MNISTModule
-
         known = set(MNISTModule().logged_metrics()) | set(MNISTModule(class_names=["0", "1"]).logged_metrics())
         if self.objective.split("/")[0] in ("train", "val", "test") and self.objective not in known:
             raise ObjectiveMissing(f"objective={self.objective}: not a metric the runs log ({', '.join(sorted(known))})")
@@ -201,15 +261,10 @@ class Sweep:
         for key, dist in self.space.items():
             for value in dist.corners():
                 params = {k: (value if k == key else d.corners()[0]) for k, d in self.space.items()}
-                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
-                    try:
-                        run([*self.trial_args(params, 0), "--print_config"])
-                    except UserError as error:
-                        raise ConfigError(f"space.{key}={value!r}: {error}") from None
-                    except SystemExit as exit_:
-                        if exit_.code:  # the parser's one line names the key
-                            lines = err.getvalue().strip().splitlines() or [f"exit {exit_.code}"]
-                            raise ConfigError(f"space.{key}={value!r}: {lines[-1].removeprefix('error: ')}") from None
+                try:
+                    run(self.trial_args(params, 0)[1:], check=True)  # the trial's fit command line, less "fit"
+                except UserError as error:
+                    raise ConfigError(f"space.{key}={value!r}: {error}") from None
 
     def objective_fn(self, trial: Any) -> float:
         import optuna
@@ -247,7 +302,7 @@ class Sweep:
 
     def _report(self, number: int, state: str, value: Optional[float], params: dict[str, Any], started: float,
                 where: str) -> None:
-        shown = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in params.items())
+        shown = ", ".join(f"{k.split('.')[-1]}={short(v)}" for k, v in params.items())
         score = f" {self.objective}={value:.4f}" if value is not None else ""
         print(f"trial {number}: {state}{score} [{shown}] {time.time() - started:.1f}s  {where}", flush=True)
 
@@ -281,20 +336,12 @@ class Sweep:
         return study
 
 
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return value.rsplit(".", 1)[-1] if isinstance(value, str) and "." in value else str(value)
-
-
 def _record(run_dir: Path, sweep: dict[str, Any]) -> None:
     """Mark the run as a trial of the study in its provenance (the runs table reads it from there)."""
     path = Path(run_dir) / "provenance.yaml"
     record = yaml.safe_load(path.read_text()) if path.is_file() else {}
     record["sweep"] = sweep
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(record, sort_keys=False))
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(record, sort_keys=False))
 
 
 def _write_results(sweep: Sweep, study: Any, started: float) -> None:
@@ -319,7 +366,7 @@ def _write_results(sweep: Sweep, study: Any, started: float) -> None:
         run["note"] = run.get("note") or f"rerun of sweep {sweep.study_name}, trial {best.number}"
         (folder / "best.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         lines += [f"best: trial {best.number}, {sweep.objective}={best.value:.4f}  ({run_dir})",
-                  "  " + ", ".join(f"{k}={_short(v)}" for k, v in best.params.items()),
+                  "  " + ", ".join(f"{k}={short(v)}" for k, v in best.params.items()),
                   f"rerun it: {invoked('fit')} -c {folder / 'best.yaml'}"]
         lines.append(f"plots: {', '.join(_plots(study, folder))}")
     lines.append(f"trials: {folder / 'trials.csv'};  runs: {invoked('runs')} --where sweep={sweep.study_name}")
@@ -350,121 +397,49 @@ def _plots(study: Any, folder: Path) -> list[str]:
     return written
 
 
-def sweep(
-    study_name: str,
-    space: dict[str, Distribution],
-    base: Optional[list[str]] = None,
-    fixed: Optional[dict[str, Any]] = None,
-    objective: str = "val/loss",
-    direction: Literal["minimize", "maximize"] = "minimize",
-    n_trials: Optional[int] = 10,
-    timeout: Optional[float] = None,
-    sampler: Optional[dict[str, Any]] = None,
-    pruner: Optional[dict[str, Any]] = None,
-    storage: Optional[str] = None,
-    workers: int = 1,
-    runs_dir: str = "lightning_logs",
-    write_results: bool = True,
-    trial_args: Optional[list[str]] = None,
-) -> Any:
-    """Search ``space`` with Optuna; each trial is a ``cli.py fit`` run. Returns the Optuna study.
-
-    Args:
-        study_name: The study's name: its folder is ``<runs_dir>/sweeps/<study_name>`` and its runs are tagged with it.
-        space: Config key (``model.optimizer.init_args.lr``) -> its distribution.
-        base: Experiment configs the trials stack on, in order (``configs/binary.yaml``...).
-        fixed: Config key -> value for every trial (``trainer.max_epochs: 1``).
-        objective: The logged metric to optimize; reported to the pruner after each validation.
-        direction: ``minimize`` (a loss) or ``maximize`` (an accuracy).
-        n_trials: Finished trials the study should hold (complete, pruned or failed); null: until ``timeout``.
-        timeout: Stop starting trials after this many seconds (this command's, not the study's).
-        sampler: An Optuna sampler as ``{class_path: optuna.samplers.TPESampler, init_args: {seed: 0}}``; default TPE.
-        pruner: An Optuna pruner, the same way; default ``optuna.pruners.MedianPruner``.
-        storage: Optuna storage URL; default ``sqlite:///<runs_dir>/sweeps/<study_name>/study.db``. A PostgreSQL URL
-            (``postgresql://user@host/db``) or ``journal:/shared/path/study.log`` lets several machines share it.
-        workers: Trial processes to run at once on this machine (each gets its share of the CPU threads).
-        runs_dir: Folder of the runs (as ``cli.py --runs_dir``).
-        write_results: Write ``best.yaml``, ``trials.csv`` and the plots at the end (workers leave it to their parent).
-        trial_args: Further ``cli.py fit`` flags for every trial (on the command line: any flag not listed here).
-    """
-    if workers < 1:
-        raise ConfigError(f"workers={workers}: must be >= 1")
-    # The study's folder is <runs_dir>/sweeps/<study_name>: one plain path component, never a way out of it.
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", study_name) or ".." in study_name:
-        raise ConfigError(f"study_name={study_name!r}: use letters, digits, '_', '-' and '.' (it names a folder)")
-    if n_trials is not None and n_trials < 1:
-        raise ConfigError(f"n_trials={n_trials}: must be >= 1 (or null, to run until timeout)")
-    if timeout is not None and not timeout > 0:
-        raise ConfigError(f"timeout={timeout}: must be > 0 seconds (or null)")
-    if n_trials is None and timeout is None:
-        raise ConfigError("n_trials=null and timeout=null: the sweep would never stop; give one of them")
-    space = {k: v if isinstance(v, Distribution) else Distribution(**v) for k, v in space.items()}
-    the_sweep = Sweep(
-        study_name, base or [], fixed or {}, objective, direction, space, n_trials, timeout,
-        _optuna_object(sampler, "sampler", "optuna.samplers.TPESampler"),
-        _optuna_object(pruner, "pruner", "optuna.pruners.MedianPruner"),
-        storage, runs_dir, trial_args or [],
-    )
+def sweep(*args: Any, trial_args: Optional[list[str]] = None, **kwargs: Any) -> Any:
+    """Run the sweep ``SweepOptions(*args, **kwargs)`` describes, each trial a ``cli.py fit`` run with
+    ``trial_args`` as further flags (on the command line: any flag that is not a sweep option). Returns the study."""
+    options = SweepOptions(*args, **kwargs)
+    the_sweep = Sweep(options, trial_args or [])
     the_sweep.check_space()
     the_sweep.open()  # a storage that cannot be opened fails here, before any trial
     started = time.time()
-    if workers == 1:
+    if options.workers == 1:
         study = the_sweep.optimize()
     else:
-        worker_config = {
-            "study_name": study_name, "space": {k: asdict(v) for k, v in space.items()}, "base": base or [],
-            "fixed": fixed or {}, "objective": objective, "direction": direction, "n_trials": n_trials,
-            "timeout": timeout, "sampler": sampler, "pruner": pruner, "storage": the_sweep.storage_url,
-            "runs_dir": runs_dir, "workers": 1, "write_results": False,
-        }
-        study = _run_workers(the_sweep, worker_config, trial_args or [], workers)
-    if write_results:
+        study = _run_workers(the_sweep, trial_args or [])
+    if options.write_results:
         _write_results(the_sweep, study, started)
     return study
 
 
 def _optuna_object(value: Optional[dict[str, Any]], kind: str, default: str) -> Any:
-    """An Optuna sampler or pruner from ``{class_path, init_args}``: only Optuna's own classes of that kind."""
-    import importlib
-
+    """An Optuna sampler or pruner from ``{class_path, init_args}``, checked as every class a config names is."""
     import optuna
 
     value = value or {"class_path": default}
-    path = str(value.get("class_path", ""))
     base = optuna.samplers.BaseSampler if kind == "sampler" else optuna.pruners.BasePruner
-    module, _, name = path.rpartition(".")
-    cls = getattr(importlib.import_module(module), name, None) if module.startswith("optuna.") else None
-    if not (inspect.isclass(cls) and issubclass(cls, base)):
-        raise ConfigError(f"{kind}: {path!r} is not allowed: name an optuna.{kind}s class")
+    check_classes({kind: value}, kinds={kind: (base,), "nested": ()})
+    path = str(value["class_path"])
     try:
-        return cls(**(value.get("init_args") or {}))
+        return resolve(kind, path)(**(value.get("init_args") or {}))
     except (TypeError, ValueError) as err:  # an argument the class does not take, or a value it refuses
         raise ConfigError(f"{kind}.init_args: {path} refuses them ({one_line(str(err), limit=160)})") from None
 
 
-def parse(argv: list[str]) -> dict[str, Any]:
+def parse(args: list[str]) -> dict[str, Any]:
     """``sweep``'s arguments from a command line: its own options, and every other flag as ``trial_args``."""
     from jsonargparse import ActionConfigFile
 
     from mnist_dlops.cli.parser import OneLineParser
 
-    # The sweep's own options are sweep()'s arguments; every other flag is a fixed override for the trials.
-    own_options = {*inspect.signature(sweep).parameters, "config", "c", "print_config", "help", "h"} - {"trial_args"}
-    own, rest, i = [], [], 0
-    while i < len(argv):
-        arg = argv[i]
-        name = arg.lstrip("-").split("=")[0].split(".")[0]
-        takes_value = arg.startswith("-") and "=" not in arg and name not in ("help", "h", "print_config")
-        group = own if name in own_options else rest
-        group.append(arg)
-        if takes_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            group.append(argv[i + 1])
-            i += 1
-        i += 1
+    # The sweep's own options are SweepOptions' fields; every other flag is a fixed override for the trials.
+    own, rest = command_line.split(args, {f.name for f in fields(SweepOptions)} | {"config", "print_config", "help"})
     parser = OneLineParser(prog=invoked("sweep"), description=__doc__.split("\n")[0])
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="A sweep config (configs/sweeps/*.yaml).")
-    parser.add_function_arguments(sweep, as_positional=False, skip={"trial_args"})
-    options = parser.instantiate(parser.parse_args(own)).as_dict()
+    parser.add_class_arguments(SweepOptions, as_positional=False, instantiate=False)
+    options = parser.instantiate_classes(parser.parse_args(own)).as_dict()
     options.pop("config", None)
     return {**options, "trial_args": rest}
 
@@ -487,19 +462,22 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(143 if isinstance(err, SIGTERMException) else 130)
 
 
-def _run_workers(the_sweep: Sweep, config: dict[str, Any], trial_args: list[str], workers: int) -> Any:
-    """``workers`` processes on one study, each with its share of the CPU threads; the study once they are done."""
+def _run_workers(the_sweep: Sweep, trial_args: list[str]) -> Any:
+    """The sweep's workers, each a process on the same study with its share of the CPU threads; the study once
+    they are done."""
+    options = the_sweep.options
     the_sweep.folder.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, (os.cpu_count() or 1) // options.workers)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     processes = []
-    for worker in range(workers):
+    for worker in range(options.workers):
         # A seeded sampler gets a seed per worker: the same seed everywhere would draw the same trials.
-        sampler = json.loads(json.dumps(config["sampler"] or {}))
+        sampler = json.loads(json.dumps(options.sampler or {}))
         if "seed" in (sampler.get("init_args") or {}):
             sampler["init_args"]["seed"] += worker
+        config = {**asdict(options), "sampler": sampler or None, "workers": 1, "write_results": False}
         worker_file = the_sweep.folder / f"worker-{worker}.yaml"
-        worker_file.write_text(yaml.safe_dump({**config, "sampler": sampler or None}, sort_keys=False))
+        worker_file.write_text(yaml.safe_dump(config, sort_keys=False))
         command = [sys.executable, "-m", "mnist_dlops.sweep", "-c", str(worker_file), *trial_args]
         processes.append(subprocess.Popen(command, env=env))
     codes = [p.wait() for p in processes]

@@ -11,6 +11,14 @@ import torch
 
 from mnist_dlops.errors import DataError
 
+# Mean and standard deviation of MNIST's training pixels, in [0, 1] units.
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (0-255) as every network here takes them: in [0, 1], centred and scaled by MNIST's statistics."""
+    return (images.float() / 255.0 - MNIST_MEAN) / MNIST_STD
+
 
 def read_png_split(root: Path, split: str, class_of: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Read ``root/<split>/<class>/*.png`` into tensors; ``class_of`` maps class-folder names to labels.

@@ -27,7 +27,7 @@ from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.trainer.states import TrainerFn
 
 from mnist_dlops.rundir.checkpoints import STATE_KEY
-from mnist_dlops.rundir.folders import free_name
+from mnist_dlops.rundir.folders import free_name, write_atomic
 from mnist_dlops.trackers.base import Tracker, tracker_keys
 
 
@@ -176,9 +176,7 @@ class RunConfigSaver(SaveConfigCallback):
         }
 
     def _write_provenance(self) -> None:
-        tmp = self._provenance_file.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(self.provenance, sort_keys=False))
-        tmp.replace(self._provenance_file)
+        write_atomic(self._provenance_file, yaml.safe_dump(self.provenance, sort_keys=False))
 
     @cached_property
     def config_yaml(self) -> str:

@@ -20,10 +20,11 @@ import torch
 import yaml
 from torch import Tensor
 
+from mnist_dlops.commands.export import Format as ExportFormat
 from mnist_dlops.errors import CheckpointError, ConfigError, invoked
 from mnist_dlops.serve.monitoring import Reference
 
-Format = Literal["checkpoint", "torchscript", "onnx"]
+Format = Literal["checkpoint", ExportFormat]  # what is served: a checkpoint, or an export
 Forward = Callable[[Tensor], Tensor]  # uint8 [N, 1, 28, 28] -> float32 probabilities [N, num_classes]
 
 
@@ -132,7 +133,7 @@ def from_registry(uri: str, runs_dir: str = "lightning_logs", tracking_uri: Opti
     from mlflow.exceptions import MlflowException
 
     from mnist_dlops.commands.registry import store
-    from mnist_dlops.trackers.mlflow import store_uri
+    from mnist_dlops.trackers.mlflow import store_client, store_uri
 
     reference = uri.removeprefix("models:/")
     name, at, alias = reference.partition("@")
@@ -142,7 +143,7 @@ def from_registry(uri: str, runs_dir: str = "lightning_logs", tracking_uri: Opti
         raise ConfigError(f"model={uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
     location = store_uri(Path(runs_dir), tracking_uri)
     with store(f"model={uri}"):
-        client = mlflow.MlflowClient(tracking_uri=location, registry_uri=location)
+        client = store_client(location)
         try:
             version = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, number)
         except MlflowException:
@@ -189,13 +190,13 @@ def from_registry(uri: str, runs_dir: str = "lightning_logs", tracking_uri: Opti
 def promoted(served: ServedModel) -> Optional[ServedModel]:
     """For a model served by alias (``models:/<name>@<alias>``): the version the alias names now, when it has moved
     since ``served`` was loaded; None when it has not, or the model was not served by alias."""
-    import mlflow
+    from mnist_dlops.trackers.mlflow import store_client
 
     if not served.source.startswith("models:/") or "@" not in served.source or "registry" not in served.extra:
         return None
     name, alias = served.source.removeprefix("models:/").split("@", 1)
     location = served.extra["registry"]
-    version = mlflow.MlflowClient(tracking_uri=location, registry_uri=location).get_model_version_by_alias(name, alias)
+    version = store_client(location).get_model_version_by_alias(name, alias)
     if str(version.version) == served.version:
         return None
     return from_registry(served.source, tracking_uri=location)

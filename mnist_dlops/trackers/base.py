@@ -13,6 +13,17 @@ import numpy as np
 from torch import Tensor
 
 
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as ``a/b/c`` keys, for trackers that store flat parameters; an empty dict stays a value."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 class Tracker:
     """Optional tracker features used by the diagnostics, the run record and resume."""
 

@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 from pytorch_lightning.loggers import MLFlowLogger as LightningMLFlowLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from mnist_dlops.trackers.base import Tracker
+from mnist_dlops.trackers.base import Tracker, flatten
 from mnist_dlops.trust import TRACKING_SCHEMES, check_url
 
 RUN_ID_FILE = ".mlflow_run_id"
@@ -54,21 +54,18 @@ def store_uri(runs_dir: Path, tracking_uri: Optional[str] = None) -> str:
     return f"sqlite:///{runs_dir.resolve() / 'mlflow.db'}"
 
 
+def store_client(uri: str) -> Any:
+    """A client of the store at ``uri``, for runs and models. Never ``mlflow.set_tracking_uri``: it also sets
+    ``MLFLOW_TRACKING_URI`` in the process environment, and every later run in the process would log into it."""
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def artifact_root(runs_dir: Path, uri: str) -> Optional[str]:
     """Where a new experiment keeps its artifacts: beside a local database; a server's or PostgreSQL's own default
     otherwise."""
     return (runs_dir.resolve() / "mlflow-artifacts").as_uri() if uri.startswith("sqlite:") else None
-
-
-def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    flat: dict[str, str] = {}
-    for key, value in params.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{path}/"))
-        else:
-            flat[path] = str(value)
-    return flat
 
 
 class MLflowLogger(LightningMLFlowLogger, Tracker):
@@ -119,7 +116,7 @@ class MLflowLogger(LightningMLFlowLogger, Tracker):
         from mlflow.entities import Param
 
         params = params if isinstance(params, dict) else vars(params)
-        flat = _flatten(params)
+        flat = {key: str(value) for key, value in flatten(params).items()}
         existing = self.experiment.get_run(self.run_id).data.params
         batch = [
             Param(key[:MAX_KEY], value if len(value) <= MAX_VALUE else value[: MAX_VALUE - 8] + "...[cut]")

@@ -19,7 +19,7 @@ from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.loggers.logger import Logger, rank_zero_experiment
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from mnist_dlops.trackers.base import Tracker
+from mnist_dlops.trackers.base import Tracker, flatten
 
 
 @contextmanager
@@ -34,18 +34,6 @@ def _data_directory(path: Path):
             os.environ.pop("NEPTUNE_DATA_DIRECTORY")
         else:
             os.environ["NEPTUNE_DATA_DIRECTORY"] = previous
-
-
-def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts to ``a/b/c`` keys; values Neptune cannot store (None, lists) become strings."""
-    flat: dict[str, Any] = {}
-    for key, value in params.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{path}/"))
-        else:
-            flat[path] = value if isinstance(value, (bool, int, float, str)) else str(value)
-    return flat
 
 
 class NeptuneLogger(Logger, Tracker):
@@ -140,8 +128,8 @@ class NeptuneLogger(Logger, Tracker):
     @rank_zero_only
     def log_hyperparams(self, params: Union[dict[str, Any], Namespace]) -> None:
         params = vars(params) if isinstance(params, Namespace) else params
-        for key, value in _flatten(params).items():
-            self.experiment[f"parameters/{key}"] = value
+        for key, value in flatten(params).items():  # values Neptune cannot store (None, lists) as strings
+            self.experiment[f"parameters/{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
