@@ -165,6 +165,7 @@ class RunCheckpoint(ModelCheckpoint):
             raise ValueError(f"checkpoint.last_every_n_train_steps={last_every_n_train_steps} must be >= 0")
         self.last_every_n_train_steps = last_every_n_train_steps
 
+    # private: ModelCheckpoint's one place every save goes through (best, top-k and last); no public hook before it.
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         """Save, unless the weights are not finite: a diverged model never becomes ``best`` or ``last``."""
         bad = [name for name, p in trainer.lightning_module.named_parameters() if not torch.isfinite(p).all()]
@@ -177,9 +178,6 @@ class RunCheckpoint(ModelCheckpoint):
         # Resolved, as Lightning resolves a dirpath given to __init__: a resumed run must find its own last.ckpt.
         self.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
         super().setup(trainer, pl_module, stage)
-        # Lightning's default IO writes the file in place; swap it for the atomic one unless the user chose another.
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Every checkpoint callback, of whatever class, writes inside the run: its folder and its file names."""
@@ -192,6 +190,8 @@ class RunCheckpoint(ModelCheckpoint):
                                   "leave dirpath unset (checkpoints go into the run)")
             check_filename(f"trainer.callbacks: {name}.filename", getattr(callback, "filename", None))
 
+    # private, here and below: ModelCheckpoint has no public "save last.ckpt now"; its own _save_last_checkpoint,
+    # the checks it makes before it and its record of the last step saved (tests/test_private_members.py).
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
         n = self.last_every_n_train_steps

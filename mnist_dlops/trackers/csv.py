@@ -21,9 +21,10 @@ class _AppendingWriter(ExperimentWriter):
     middle never loses the rows already written.
     """
 
+    # private: Lightning's writer deletes an existing metrics.csv here; the only place to keep it instead.
     def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
                 self.metrics_keys = next(csv.reader(f), [])
 
     def _read_rows(self) -> list[dict[str, str]]:
@@ -40,6 +41,7 @@ class _AppendingWriter(ExperimentWriter):
             writer.writerows(rows)
         os.replace(tmp, self.metrics_file_path)
 
+    # private: Lightning rewrites the file in place here when a column appears; through a temporary file instead.
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         self._write_rows(fieldnames, self._read_rows())
 
@@ -77,8 +79,8 @@ class CSVLogger(LightningCSVLogger, Tracker):
     @property
     @rank_zero_experiment
     def experiment(self) -> _AppendingWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
+        if self._experiment is None:  # private: Lightning's own property builds its writer class, not ours
+            os.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
 

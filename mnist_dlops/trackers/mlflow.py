@@ -108,6 +108,7 @@ class MLflowLogger(LightningMLFlowLogger, Tracker):
         if run_id and self.run_dir.is_dir() and not id_file.is_file():
             id_file.write_text(run_id)
         self._log_checkpoints = log_checkpoints
+        self._saved_by: Any = None
 
     @rank_zero_only
     def log_hyperparams(self, params: Union[dict[str, Any], Any]) -> None:
@@ -149,19 +150,16 @@ class MLflowLogger(LightningMLFlowLogger, Tracker):
             self.experiment.set_tag(self.run_id, f"provenance.{key}", str(value))
 
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
-        self._checkpoint_callback = checkpoint_callback
+        self._saved_by = checkpoint_callback  # logged once, when the stage ends
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
         """Log the best and the last checkpoint and the run's provenance files as artifacts; end the run."""
-        if not self._initialized:
-            return
-        callback = self._checkpoint_callback
+        callback = self._saved_by
         if self._log_checkpoints and callback is not None:
             for path in {callback.best_model_path, getattr(callback, "last_model_path", "")}:
                 if path and Path(path).is_file():
                     self.experiment.log_artifact(self.run_id, path, "checkpoints")
         for record in sorted(self.run_dir.glob("provenance*.yaml")) + sorted(self.run_dir.glob("config*.yaml")):
             self.experiment.log_artifact(self.run_id, str(record), "run")
-        self._checkpoint_callback = None  # Lightning's finalize would log every checkpoint again
         super().finalize(status)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+from argparse import Namespace
 from typing import Any, Optional
 
 import numpy as np
-from lightning_fabric.utilities.logger import _convert_params, _flatten_dict
 from pytorch_lightning.loggers import TensorBoardLogger as LightningTensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from torch import Tensor
 
-from mnist_dlops.trackers.base import Tracker
+from mnist_dlops.trackers.base import Tracker, flatten
 
 # The metrics TensorBoard's HParams tab compares runs by: it shows each run's last value of these scalars.
 HPARAM_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss")
@@ -45,6 +45,7 @@ class TensorBoardLogger(LightningTensorBoardLogger, Tracker):
             save_dir if save_dir is not None else "lightning_logs", name=name, version=version,
             default_hp_metric=default_hp_metric, **kwargs,
         )
+        self.default_hp_metric = default_hp_metric
 
     @rank_zero_only
     def log_hyperparams(self, params: Any, metrics: Optional[dict[str, Any]] = None, step: Optional[int] = None) -> None:
@@ -52,28 +53,29 @@ class TensorBoardLogger(LightningTensorBoardLogger, Tracker):
         with ``HPARAM_METRICS`` as its metric columns, filled from the run's own scalars as they are logged.
 
         Lightning would log the metrics' values at this step (at a run's start: none yet), so the summaries are
-        written here with its own helpers (``_flatten_dict``, ``_sanitize_params``, the writer's
-        ``_get_file_writer``, as Lightning's ``log_hyperparams`` does): none has a public counterpart.
+        written here, into the run's own event file, as Lightning's ``log_hyperparams`` does.
         """
         super().log_hyperparams(params, metrics, step)
-        if metrics is not None or self._default_hp_metric:
+        if metrics is not None or self.default_hp_metric:
             return
         from torch.utils.tensorboard.summary import hparams
 
-        flat = self._sanitize_params(_flatten_dict(_convert_params(params)))
+        params = vars(params) if isinstance(params, Namespace) else dict(params)
+        flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flatten(params).items()}
+        # private: SummaryWriter's public add_hparams writes a run of its own beside this one (a second folder)
         writer = self.experiment._get_file_writer()
         for summary in hparams(flat, dict.fromkeys(HPARAM_METRICS, 0.0)):
             writer.add_summary(summary, step)
 
     def state_dict(self) -> dict[str, Any]:
         """Nothing to keep: the checkpoint's step is enough. Flushes, so that the events so far are on disk."""
-        if self._experiment is not None:
-            self._experiment.flush()
+        self.experiment.flush()
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Mark the restart at ``state["global_step"]``, the first step the resumed run logs again."""
         restart = Event(step=int(state["global_step"]), session_log=SessionLog(status=SessionLog.START))
+        # private: SummaryWriter has no public way to write a raw event (TensorBoard's restart marker)
         self.experiment._get_file_writer().add_event(restart)
         self.experiment.flush()
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import netrc
 import os
-import socket
-import ssl
-import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Literal, Optional
 from urllib.parse import urlparse
@@ -34,22 +34,16 @@ def wandb_configured() -> bool:
 
 
 def server_reachable(timeout: float) -> bool:
-    """Whether the W&B server answers an HTTP request within ``timeout`` seconds, all told (connection, TLS, the
-    first bytes of its reply): a server that accepts the connection and then stays silent counts as unreachable."""
-    url = urlparse(os.environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL))
-    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
-    deadline = time.monotonic() + timeout
+    """Whether the W&B server answers an HTTP request within ``timeout`` seconds: a server that accepts the
+    connection and then stays silent counts as unreachable."""
+    request = urllib.request.Request(os.environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL), method="HEAD")
     try:
-        with socket.create_connection((host, port), timeout=timeout) as raw:
-            raw.settimeout(max(deadline - time.monotonic(), 0.001))  # the TLS handshake's share of the deadline
-            # TLS takes the connection over: the wrapped socket is the one to close.
-            tls = url.scheme == "https"
-            with ssl.create_default_context().wrap_socket(raw, server_hostname=host) if tls else raw as sock:
-                sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                sock.sendall(f"HEAD / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-                return sock.recv(5) == b"HTTP/"
-    except OSError:  # refused, timed out, TLS failed (ssl.SSLError is an OSError)
+        urllib.request.urlopen(request, timeout=timeout).close()
+    except urllib.error.HTTPError:  # an answer (404, 401...): the server is there
+        return True
+    except (OSError, ValueError, http.client.HTTPException):  # refused, timed out, TLS failed, not HTTP, a bad URL
         return False
+    return True
 
 
 # W&B's folders outside the run (its docs: WANDB_DATA_DIR stages artifacts such as the plots' tables,
@@ -116,6 +110,8 @@ class WandbLogger(LightningWandbLogger, Tracker):
             return "offline"
         return "online"
 
+    # private: Lightning's W&B logger keeps the run's arguments (_wandb_init) and the run (_experiment) to itself;
+    # the mode and id must be set after __init__, when the run starts, to fall back offline.
     @property
     @rank_zero_experiment
     def experiment(self):
