@@ -5,8 +5,8 @@
 - ``ProgressBar``: Lightning's Rich bar, redrawn a few times a second;
 - ``PredictionCSV``: ``predict`` writes what the model sees in each image.
 
-The run's record (config and provenance) is ``mnist_dlops.provenance.RunConfigSaver``; what a checkpoint keeps to
-resume exactly is ``mnist_dlops.checkpoints.ResumeState``.
+The run's record (config and provenance) is ``mnist_dlops.rundir.record.RunConfigSaver``; what a checkpoint keeps to
+resume exactly is ``mnist_dlops.rundir.checkpoints.ResumeState``.
 """
 
 from mnist_dlops.callbacks.devices import DeviceStatsMonitor

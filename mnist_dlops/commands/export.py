@@ -3,7 +3,7 @@
     python -m mnist_dlops.export --ckpt_path best      # or last, a run folder, or a .ckpt file
 
 The exported model takes MNIST images as uint8 ``[N, 1, 28, 28]`` (0-255, white digit on black, as
-``mnist_dlops.sources.to_mnist_image`` makes them) and returns class probabilities ``[N, num_classes]``; the class
+``mnist_dlops.data.images.to_mnist_image`` makes them) and returns class probabilities ``[N, num_classes]``; the class
 names are written beside it in ``classes.txt``.
 """
 

@@ -249,7 +249,7 @@ def register(
     data, metrics = _run_record(run_dir)
     fingerprint, data_version = data.get("fingerprint"), data.get("version") or {}
     metadata = {"class_names": list(module.class_names), "data_fingerprint": fingerprint,
-                "input": "uint8 [N, 1, 28, 28], white digit on black (0-255), as mnist_dlops.sources.to_mnist_image",
+                "input": "uint8 [N, 1, 28, 28], white digit on black (0-255), as mnist_dlops.data.images.to_mnist_image",
                 "output": "class probabilities [N, num_classes], in class_names order", "checkpoint": str(path)}
     version = None
     try:
