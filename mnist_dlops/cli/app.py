@@ -54,8 +54,9 @@ class MNISTCLI(LightningCLI):
     """``fit``/``validate``/``test``/``predict`` over MNISTModule and MNISTDataModule, configured from YAML."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # The --ckpt_path checkpoint already loaded and checked while parsing the command line, if any.
+        # The --ckpt_path checkpoint already loaded and checked while parsing the command line, if any, and its contents.
         self.checked_ckpt: Optional[Path] = None
+        self.checkpoint: Optional[dict[str, Any]] = None
         # The run directory this call created, if any; else the files of the existing run it works in.
         self.claimed: Optional[Path] = None
         self.run_dir: Optional[Path] = None
@@ -133,7 +134,7 @@ class MNISTCLI(LightningCLI):
         else:
             args = list(sys.argv[1:] if args is None else args)
             check_config_files(args)
-            args, self.checked_ckpt = restore_from_checkpoint(args)
+            args, self.checked_ckpt, self.checkpoint = restore_from_checkpoint(args)
             self.config = parser.parse_args(args)
 
     # private: LightningCLI restores a checkpoint's hyper-parameters here, after parsing, over the user's flags.
@@ -147,12 +148,12 @@ class MNISTCLI(LightningCLI):
         config = self.config[self.subcommand]
         check_classes(config)
         check_values(config)
-        # A checkpoint named in a YAML file rather than on the command line is checked here, before anything starts;
-        # a resume's checkpoint, read once here, must have something left to train.
-        if config.get("ckpt_path") and (Path(config.ckpt_path) != self.checked_ckpt or self.subcommand == "fit"):
-            checkpoint = load_checkpoint(config.ckpt_path)
-            if self.subcommand == "fit":
-                check_resumable(checkpoint, config)
+        ckpt = config.get("ckpt_path")
+        if ckpt and Path(ckpt) != self.checked_ckpt:  # named in a YAML file: checked here, before anything starts
+            self.checkpoint = load_checkpoint(ckpt)
+        if ckpt and self.subcommand == "fit":  # a resume must have something left to train
+            check_resumable(self.checkpoint, config)
+        self.checkpoint = None  # read once, checked; Lightning loads its own copy to restore from
         run_dir = os.environ.get(RUN_DIR_ENV) or config.get("run_dir") or run_dir_of(config.get("ckpt_path"))
         run_dir = Path(run_dir) if run_dir else None
         if config.get("run_dir") and not os.environ.get(RUN_DIR_ENV):

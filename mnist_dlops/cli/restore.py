@@ -115,23 +115,24 @@ def checkpoint_config(checkpoint: dict[str, Any], subcommand: str, path: Path) -
     return evaluated
 
 
-def restore_from_checkpoint(args: list[str]) -> tuple[list[str], Optional[Path]]:
+def restore_from_checkpoint(args: list[str]) -> tuple[list[str], Optional[Path], Optional[dict[str, Any]]]:
     """``args`` with ``--ckpt_path`` resolved to a file and that checkpoint's config inserted as the first
-    ``--config``, and the checkpoint file (already loaded and checked here), if there is one."""
+    ``--config``, and the checkpoint file and its contents (loaded and checked here, once), if there is one."""
     sub = argv.subcommand(args, SUBCOMMANDS)
     if sub is None:
-        return args, None
+        return args, None, None
     head, rest = args[: sub + 1], args[sub + 1 :]
     option = argv.last(rest, "ckpt_path")
     if option is None or not option.value or argv.last(rest, "help"):
-        return args, None
+        return args, None, None
     runs_dir = argv.last(rest, "runs_dir")
     value = option.value
     path = resolve_ckpt(value, Path(runs_dir.value if runs_dir and runs_dir.value else "lightning_logs"))
-    config = checkpoint_config(load_checkpoint(path), args[sub], path)
+    checkpoint = load_checkpoint(path)
+    config = checkpoint_config(checkpoint, args[sub], path)
     try:  # strictly, before the parser imports anything the checkpoint names
         check_classes(config)
     except ConfigError as err:
         raise CheckpointError(f"{path}: {err}") from None
     rest = [*rest[: option.start], f"--ckpt_path={path}", *rest[option.end :]]
-    return [*head, "--config", yaml.safe_dump(config, sort_keys=False), *rest], path
+    return [*head, "--config", yaml.safe_dump(config, sort_keys=False), *rest], path, checkpoint

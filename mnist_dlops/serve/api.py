@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from fastapi import HTTPException, Request  # Request at module level: FastAPI resolves the route's annotations here
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mnist_dlops.data.images import ImageTooLarge, decode_image
@@ -293,7 +294,7 @@ def build_server(served: ServedModel, workers: int = 1, max_batch_size: int = 16
     current = {"served": served, "checked": time.monotonic()}
 
     @server.app.get("/metadata")
-    async def describe() -> JSONResponse:
+    def describe() -> JSONResponse:  # plain def: FastAPI runs it in its thread pool, a registry download included
         if reload_interval and time.monotonic() - current["checked"] >= reload_interval:
             current["checked"] = time.monotonic()
             try:
@@ -328,7 +329,8 @@ def build_server(served: ServedModel, workers: int = 1, max_batch_size: int = 16
         if not limit.allow(client):
             return JSONResponse({"detail": f"more than {feedback_per_minute} items a minute from {client}"},
                                 status_code=429)
-        item = feedback.add(prediction, label, client)  # committed: an acknowledged item survives a kill
+        # Committed before the answer (an acknowledged item survives a kill), off the event loop: a database write.
+        item = await run_in_threadpool(feedback.add, prediction, label, client)
         return JSONResponse({"stored": item, "label": label, "predicted": prediction["p"],
                              "model": {"name": prediction["m"], "version": prediction["v"]}})
 
