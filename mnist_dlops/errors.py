@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -55,17 +56,35 @@ def user_errors() -> Iterator[None]:
     """Every command's outer frame: imports are gated (``mnist_dlops.importguard``) and libraries' noise silenced
     (``mnist_dlops.quiet``) for the whole command, and a
     ``UserError`` or a user's file-system error becomes one ``error:`` line and its exit status (the error's
-    ``exit_code``; 1 for a path that cannot be written); anything else propagates."""
+    ``exit_code``; 1 for a path that cannot be written); anything else propagates.
+
+    A library's writer thread (TensorBoard's event writer) that fails on a full or read-only disk is the same error:
+    Python's ``threading.excepthook`` would print its traceback; the file it names goes into the one line instead."""
+    in_threads: list[OSError] = []
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.exc_value, OSError) and args.exc_value.errno in USER_ERRNOS:
+            in_threads.append(args.exc_value)
+        else:
+            previous(args)
+
+    threading.excepthook = hook
     try:
         with guarded_imports(), quiet():
             yield
+        if in_threads:  # the command itself went on: what the thread wrote is lost all the same
+            raise in_threads[0]
     except UserError as err:
         fail(str(err), err.exit_code)
     except OSError as err:
         if err.errno not in USER_ERRNOS:
             raise
-        where = os.fsdecode(err.filename) if err.filename else "writing the run's files"
+        named = err if err.filename else next((e for e in in_threads if e.filename), err)
+        where = os.fsdecode(named.filename) if named.filename else "writing the run's files"
         fail(f"{where}: {err.strerror or err}", 1)
+    finally:
+        threading.excepthook = previous
 
 
 def fail(message: str, status: int) -> None:

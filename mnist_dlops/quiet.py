@@ -18,11 +18,13 @@ WARNINGS = [
     # Prediction over our in-memory batches: Lightning cannot find a sampler's indices, which predict never uses.
     (r"Couldn't infer the batch indices fetched from your dataloader", UserWarning),
 ]
-# Loggers whose warnings concern packages we do not use: torch's ONNX exporter lists torchvision's operators it
+# Loggers, and the level below which they are not printed. torch's ONNX exporter lists torchvision's operators it
 # skips because torchvision is not installed (we export no torchvision operator).
-LOGGERS = ["torch.onnx._internal.exporter._registration",
-           # MLflow's note that it creates (or migrates) an empty store's tables: its bookkeeping, on first use.
-           "mlflow.store.db.utils"]
+LOGGERS = {"torch.onnx._internal.exporter._registration": logging.ERROR,
+           # MLflow's note that it creates (or migrates) an empty store's tables: its bookkeeping, on first use; and
+           # a database error (locked, full, read-only), which it logs with a 90-line traceback and then raises: the
+           # raised error is what the user reads, as one line naming the cause.
+           "mlflow.store.db.utils": logging.CRITICAL}
 
 
 @contextmanager
@@ -32,8 +34,8 @@ def quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         for message, category in WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=category)
-        for name in LOGGERS:
-            logging.getLogger(name).setLevel(logging.ERROR)
+        for name, level in LOGGERS.items():
+            logging.getLogger(name).setLevel(level)
         try:
             yield
         finally:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_idx_set
+from conftest import make_idx_set, run_module
 
 from mnist_dlops.cli.app import cli_main
 from mnist_dlops.errors import ConfigError
@@ -267,3 +267,77 @@ def test_resuming_a_finished_run_says_so_and_how_to_train_longer(trained: Path, 
     cli_main(["fit", "-c", str(trained / "config.yaml"), "--trainer.max_epochs", "2"])  # the command it gives
     last = torch.load(trained.parent / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] == 2
+
+
+def fill(mount: Path, leave: int) -> Path:
+    """Fill the file system at ``mount`` but ``leave`` bytes, so that the next writes run out of space."""
+    import os
+
+    stat = os.statvfs(mount)
+    filler = mount / "filler"
+    filler.write_bytes(b"\0" * max(stat.f_bavail * stat.f_frsize - leave, 0))
+    return filler
+
+
+def test_a_full_disk_during_test_names_the_file(read_only_mount: Path, capsys: pytest.CaptureFixture,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorBoard's writer thread fails too: no thread traceback, one line naming a file of the run, checkpoints
+    intact."""
+    make_idx_set(read_only_mount / "data")
+    monkeypatch.chdir(read_only_mount)
+    cli_main(["fit", *TINY])  # the default tracker: TensorBoard, whose events a writer thread writes
+    checkpoints = snapshot(read_only_mount / "lightning_logs/version_0/checkpoints")
+    capsys.readouterr()
+    fill(read_only_mount, 16_000)
+    last = fails(["test", "--ckpt_path", "last", "--data.data_dir", "data"], capsys, 1, "No space left on device")
+    assert last.startswith(f"error: {read_only_mount}/lightning_logs/version_0/"), last
+    assert snapshot(read_only_mount / "lightning_logs/version_0/checkpoints") == checkpoints
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["read-only", "full"])
+def test_a_registry_that_cannot_be_written_is_one_line(read_only_mount: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       fault: str) -> None:
+    """A read-only or full mlflow.db during ``register``: MLflow's 90-line log is not printed; the one line says what
+    was being done and the database's reason; nothing is half-registered. (In processes of their own: the
+    database must be closed for the file system to be remounted read-only.)"""
+    make_idx_set(read_only_mount / "data")
+    monkeypatch.chdir(read_only_mount)
+    cli_main(["fit", *TINY, "--trainer.callbacks", "[]"])
+    register = ["register", "--ckpt_path", "last", "--name", "m"]
+    assert run_module("mnist_dlops.registry", *register, cwd=read_only_mount).returncode == 0
+    if fault == "read-only":
+        subprocess.run(["mount", "-o", "remount,ro", str(read_only_mount)], check=True)
+    else:
+        filler = fill(read_only_mount, 8_000)
+    result = run_module("mnist_dlops.registry", *register, cwd=read_only_mount)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "ERROR mlflow" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: registering ") and last.endswith(
+        ("attempt to write a readonly database",) if fault == "read-only"
+        else ("database or disk is full", "No space left on device")), last
+    if fault == "read-only":
+        subprocess.run(["mount", "-o", "remount,rw", str(read_only_mount)], check=True)
+    else:
+        filler.unlink()
+    listed = run_module("mnist_dlops.registry", "list", "--name", "m", cwd=read_only_mount)
+    assert listed.returncode == 0 and "m" in listed.stdout
+    assert [line.split()[1] for line in listed.stdout.splitlines()[1:] if line.split()[:1] == ["m"]] == ["1"], \
+        listed.stdout
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_sweep_names_the_file(read_only_mount: Path) -> None:
+    """A trial that runs out of space stops the sweep with one line naming the file (no trial or thread traceback)."""
+    make_idx_set(read_only_mount / "data")
+    (read_only_mount / "sweep.yaml").write_text(yaml.safe_dump({
+        "study_name": "full", "n_trials": 2,
+        "space": {"model.optimizer.init_args.lr": {"type": "float", "low": 0.001, "high": 0.01}}}))
+    fill(read_only_mount, 400_000)  # room for the study's database, not for a trial's run
+    result = run_module("mnist_dlops.sweep", "-c", "sweep.yaml", *TINY, cwd=read_only_mount)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {read_only_mount}/") or last.startswith("error: lightning_logs/"), last
+    assert last.endswith("No space left on device"), last

@@ -23,7 +23,7 @@ from mnist_dlops.callbacks import PredictionCSV, ProgressBar
 from mnist_dlops.cli.parser import OneLineParser, check_config_files, check_values, one_line
 from mnist_dlops.cli.restore import restore_from_checkpoint
 from mnist_dlops.data import MNISTDataModule
-from mnist_dlops.errors import ConfigError, invoked, user_errors
+from mnist_dlops.errors import USER_ERRNOS, ConfigError, invoked, user_errors
 from mnist_dlops.importguard import guarded_imports
 from mnist_dlops.module import MNISTModule
 from mnist_dlops.quiet import quiet
@@ -68,6 +68,10 @@ class MNISTCLI(LightningCLI):
             if isinstance(err, SIGTERMException) and self.run_dir is not None:
                 last = self.run_dir / "checkpoints" / "last.ckpt"
                 print(f"stopped by SIGTERM; resume with: {invoked('fit')} --ckpt_path {last}", file=sys.stderr)
+            if isinstance(err, OSError) and err.errno in USER_ERRNOS and not err.filename and self.run_dir:
+                # A full or read-only disk fails inside a library's write (a plot, an event file) with no file
+                # named: the run's folder is where it was writing.
+                raise OSError(err.errno, err.strerror, str(self.run_dir)) from err
             raise
 
     def _remove_debris(self) -> None:

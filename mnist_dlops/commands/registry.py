@@ -61,7 +61,8 @@ def _store_errors() -> tuple[type[BaseException], ...]:
 
 @contextmanager
 def store(what: str) -> Iterator[None]:
-    """Turn a failing store (locked, read-only, unreachable) into one RegistryError line saying what was being done."""
+    """Turn a failing store (locked, full, read-only, unreachable) into one RegistryError line saying what was being
+    done and the database's own reason."""
     try:
         yield
     except _store_errors() as err:
@@ -69,7 +70,15 @@ def store(what: str) -> Iterator[None]:
 
 
 def _store_error(what: str, err: BaseException) -> RegistryError:
-    text = str(getattr(err, "orig", None) or getattr(err, "message", None) or err).strip().splitlines()
+    """The driver's error under MLflow's and SQLAlchemy's wrappers (``attempt to write a readonly database``)."""
+    seen: set[int] = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        inner = getattr(err, "orig", None) or err.__cause__ or err.__context__
+        if inner is None:
+            break
+        err = inner
+    text = str(getattr(err, "message", None) or err).strip().splitlines()
     return RegistryError(redact(f"{what}: {text[0] if text else type(err).__name__}"))
 
 

@@ -364,7 +364,7 @@ def _write_results(sweep: Sweep, study: Any, started: float) -> None:
         run = config.setdefault("run", {})
         run["tags"] = [t for t in run.get("tags") or [] if t not in (sweep.study_name, f"trial-{best.number}")]
         run["note"] = run.get("note") or f"rerun of sweep {sweep.study_name}, trial {best.number}"
-        (folder / "best.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        write_atomic(folder / "best.yaml", yaml.safe_dump(config, sort_keys=False))
         lines += [f"best: trial {best.number}, {sweep.objective}={best.value:.4f}  ({run_dir})",
                   "  " + ", ".join(f"{k}={short(v)}" for k, v in best.params.items()),
                   f"rerun it: {invoked('fit')} -c {folder / 'best.yaml'}"]

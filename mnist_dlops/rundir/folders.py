@@ -16,8 +16,12 @@ from typing import Any, Optional
 def write_atomic(path: Path, text: str) -> None:
     """``text`` into ``path`` through a temporary file beside it: a reader sees the old file or the new, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:  # a full disk fails in the write, with no file name: name the file meant
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from err
 
 
 @contextmanager

@@ -148,10 +148,10 @@ class RunConfigSaver(SaveConfigCallback):
         self.already_saved = trainer.strategy.broadcast(True)
 
     def _gather_provenance(self, trainer: pl.Trainer, run_dir: Path, stage: str) -> dict[str, Any]:
-        code, diff = code_version(Path(__file__).resolve().parents[1])
+        code, diff = code_version(Path(__file__).resolve().parents[2])  # the checkout: mnist_dlops/rundir/ -> ..
         if diff:
             diff_file = self._provenance_file.with_suffix(".diff")
-            diff_file.write_text(diff)
+            write_atomic(diff_file, diff)
             code["diff_file"] = diff_file.name
         datamodule = trainer.datamodule
         run = self.config.get("run") or {}
@@ -204,7 +204,7 @@ class RunConfigSaver(SaveConfigCallback):
         self._write_provenance()
         # The same metrics alone, as JSON (metrics.json, metrics.test.json...): what DVC's metrics and plots read.
         metrics_file = self._provenance_file.with_name(self._provenance_file.name.replace("provenance", "metrics", 1))
-        metrics_file.with_suffix(".json").write_text(json.dumps(self.provenance["metrics"], indent=1) + "\n")
+        write_atomic(metrics_file.with_suffix(".json"), json.dumps(self.provenance["metrics"], indent=1) + "\n")
         for tracker in tracker_keys(trainer.loggers).values():
             tracker.log_run_end(end)
 
