@@ -103,8 +103,8 @@ def promote(
     """
     from mlflow.exceptions import MlflowException
 
-    from mnist_dlops.commands.registry import check_name, open_client, store
     from mnist_dlops.serve.model import from_registry
+    from mnist_dlops.trackers.mlflow import check_name, open_client, store
 
     if tolerance < 0:
         raise ConfigError(f"tolerance={tolerance}: must be >= 0")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import re
 import shutil
 import tempfile
 import uuid
@@ -32,72 +31,23 @@ from typing import Any, Optional
 from mnist_dlops.cli.restore import resolve_ckpt, run_checkpoint
 from mnist_dlops.commands.export import Format, export, rebuild, sample_images
 from mnist_dlops.data.versions import version_label
-from mnist_dlops.errors import ConfigError, UserError, invoked, user_errors
+from mnist_dlops.errors import ConfigError, invoked, user_errors
 from mnist_dlops.serve.monitoring import REFERENCE_FILE
-from mnist_dlops.trackers.mlflow import RUN_ID_FILE, artifact_root, store_client, store_uri
+from mnist_dlops.trackers.mlflow import (
+    RUN_ID_FILE,
+    artifact_root,
+    check_name,
+    open_client,
+    store,
+    store_error,
+    store_errors,
+    store_uri,
+)
 from mnist_dlops.trust import check_url, redact
 
 EXPERIMENT = "mnist-dlops"
 # Model version tags that `list` shows, besides the run and the data fingerprint.
 SHOWN_METRICS = ("val/acc", "val/loss", "test/acc")
-
-
-class RegistryError(UserError):
-    """MLflow refused an operation on the store (a locked or read-only database, a missing version...)."""
-
-
-def open_client(runs_dir: str, tracking_uri: Optional[str]) -> Any:
-    """A client of the runs folder's store, or of ``tracking_uri``'s."""
-    return store_client(store_uri(Path(runs_dir), tracking_uri))
-
-
-def _store_errors() -> tuple[type[BaseException], ...]:
-    """What a failing store raises: MLflow's error, SQLAlchemy's (a locked SQLite database surfaces raw), OSError."""
-    from mlflow.exceptions import MlflowException
-    from sqlalchemy.exc import SQLAlchemyError
-
-    return MlflowException, SQLAlchemyError, OSError
-
-
-@contextmanager
-def store(what: str) -> Iterator[None]:
-    """Turn a failing store (locked, full, read-only, unreachable) into one RegistryError line saying what was being
-    done and the database's own reason."""
-    try:
-        yield
-    except _store_errors() as err:
-        raise _store_error(what, err) from None
-
-
-def _store_error(what: str, err: BaseException) -> RegistryError:
-    """The driver's error under MLflow's and SQLAlchemy's wrappers (``attempt to write a readonly database``)."""
-    seen: set[int] = set()
-    while id(err) not in seen:
-        seen.add(id(err))
-        inner = getattr(err, "orig", None) or err.__cause__ or err.__context__
-        if inner is None:
-            break
-        err = inner
-    text = str(getattr(err, "message", None) or err).strip().splitlines()
-    return RegistryError(redact(f"{what}: {text[0] if text else type(err).__name__}"))
-
-
-def check_name(client: Any, name: str) -> bool:
-    """Whether ``name`` exists already; a name MLflow refuses, or one that MLflow's own search filters cannot quote
-    (``registry list`` would fail for every model), is a ConfigError naming it."""
-    from mlflow.exceptions import MlflowException
-
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise ConfigError(f"name={name!r}: use letters, digits, '_', '-' and '.'")
-    try:
-        client.get_registered_model(name)
-        return True
-    except MlflowException as err:
-        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return False
-        if err.error_code == "INVALID_PARAMETER_VALUE":
-            raise ConfigError(f"name={name!r}: {str(err.message).splitlines()[0]}") from None
-        raise _store_error(f"registry {client.tracking_uri}", err) from None
 
 
 def sweep_best(study: str, runs_dir: str, storage: Optional[str] = None) -> Path:
@@ -277,9 +227,9 @@ def register(
         version = client.create_model_version(name, source, run_id=run_id, tags=tags).version
         if alias:
             client.set_registered_model_alias(name, alias, version)
-    except _store_errors() as err:
+    except store_errors() as err:
         _take_back(client, name, version, existed)
-        raise _store_error(f"registering {path} as {name}", err) from None
+        raise store_error(f"registering {path} as {name}", err) from None
     except BaseException:
         _take_back(client, name, version, existed)
         raise
@@ -296,7 +246,7 @@ def _take_back(client: Any, name: str, version: Optional[str], existed: bool) ->
             client.delete_model_version(name, version)
         if not existed and client.search_model_versions(f"name='{name}'") == []:
             client.delete_registered_model(name)
-    except _store_errors():
+    except store_errors():
         pass  # the store itself is failing (locked, read-only): nothing was written to take back
 
 

@@ -125,6 +125,7 @@ def read_version(data_dir: Path, rev: str) -> tuple[Path, DataVersion]:
     that version. The working copy is neither read nor changed."""
     from dvc.api import DVCFileSystem
     from dvc.scm import RevError
+
     # internal: what DVCFileSystem raises for a folder listing in neither cache nor remote (no public name for it;
     # guarded by tests/test_private_members.py)
     from dvc_data.index.index import DataIndexDirError

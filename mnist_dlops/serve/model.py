@@ -132,8 +132,7 @@ def from_registry(uri: str, runs_dir: str = "lightning_logs", tracking_uri: Opti
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from mnist_dlops.commands.registry import store
-    from mnist_dlops.trackers.mlflow import store_client, store_uri
+    from mnist_dlops.trackers.mlflow import store, store_client, store_uri
 
     reference = uri.removeprefix("models:/")
     name, at, alias = reference.partition("@")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,8 +21,9 @@ from typing import Any, Optional, Union
 from pytorch_lightning.loggers import MLFlowLogger as LightningMLFlowLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from mnist_dlops.errors import ConfigError, UserError
 from mnist_dlops.trackers.base import Tracker, flatten
-from mnist_dlops.trust import TRACKING_SCHEMES, check_url
+from mnist_dlops.trust import TRACKING_SCHEMES, check_url, redact
 
 RUN_ID_FILE = ".mlflow_run_id"
 # MLflow's limits on a param (mlflow.utils.validation): longer keys are refused, longer values too.
@@ -163,3 +165,63 @@ class MLflowLogger(LightningMLFlowLogger, Tracker):
         for record in sorted(self.run_dir.glob("provenance*.yaml")) + sorted(self.run_dir.glob("config*.yaml")):
             self.experiment.log_artifact(self.run_id, str(record), "run")
         super().finalize(status)
+
+
+# The store itself, for the registry's commands, the promotion gate and the server: a client, and its failures
+# (locked, full, read-only, unreachable) as one line.
+class RegistryError(UserError):
+    """MLflow refused an operation on the store (a locked or read-only database, a missing version...)."""
+
+
+def open_client(runs_dir: str, tracking_uri: Optional[str]) -> Any:
+    """A client of the runs folder's store, or of ``tracking_uri``'s (the registry's commands and the server)."""
+    return store_client(store_uri(Path(runs_dir), tracking_uri))
+
+
+def store_errors() -> tuple[type[BaseException], ...]:
+    """What a failing store raises: MLflow's error, SQLAlchemy's (a locked SQLite database surfaces raw), OSError."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return MlflowException, SQLAlchemyError, OSError
+
+
+@contextmanager
+def store(what: str) -> Iterator[None]:
+    """Turn a failing store (locked, full, read-only, unreachable) into one RegistryError line saying what was being
+    done and the database's own reason."""
+    try:
+        yield
+    except store_errors() as err:
+        raise store_error(what, err) from None
+
+
+def store_error(what: str, err: BaseException) -> RegistryError:
+    """The driver's error under MLflow's and SQLAlchemy's wrappers (``attempt to write a readonly database``)."""
+    seen: set[int] = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        inner = getattr(err, "orig", None) or err.__cause__ or err.__context__
+        if inner is None:
+            break
+        err = inner
+    text = str(getattr(err, "message", None) or err).strip().splitlines()
+    return RegistryError(redact(f"{what}: {text[0] if text else type(err).__name__}"))
+
+
+def check_name(client: Any, name: str) -> bool:
+    """Whether ``name`` exists already; a name MLflow refuses, or one that MLflow's own search filters cannot quote
+    (``registry list`` would fail for every model), is a ConfigError naming it."""
+    from mlflow.exceptions import MlflowException
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ConfigError(f"name={name!r}: use letters, digits, '_', '-' and '.'")
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        if err.error_code == "INVALID_PARAMETER_VALUE":
+            raise ConfigError(f"name={name!r}: {str(err.message).splitlines()[0]}") from None
+        raise store_error(f"registry {client.tracking_uri}", err) from None
