@@ -7,10 +7,9 @@ process's high-water mark) when training ends.
 
 from __future__ import annotations
 
-from typing import Any
-
 import resource
 import time
+from typing import Any
 
 import psutil
 import pytorch_lightning as pl

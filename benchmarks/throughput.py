@@ -43,10 +43,10 @@ sys.path.insert(0, str(REPO))
 
 from mnist_dlops.cli.app import DEFAULT_OPTIMIZER  # noqa: E402
 from mnist_dlops.data import MNISTDataModule  # noqa: E402
+from mnist_dlops.data.idx import read_idx_split  # noqa: E402
 from mnist_dlops.data.images import MNIST_MEAN, MNIST_STD  # noqa: E402
 from mnist_dlops.networks import MLP, FastCNN  # noqa: E402
 from mnist_dlops.schedules import OneCycleLR  # noqa: E402
-from mnist_dlops.data.idx import read_idx_split  # noqa: E402
 
 # Lightning's Timer; its interval is given as a plain string, as its default (an Enum) does not dump to YAML.
 TIMER = '{"class_path": "pytorch_lightning.callbacks.Timer", "init_args": {"interval": "epoch"}}'

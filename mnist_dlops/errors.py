@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -106,3 +107,9 @@ def invoked(command: str) -> str:
         return f"{INVOKED_AS} {command}"
     top, _, rest = command.partition(" ")
     return f"python cli.py {command}" if top in TRAINING else f"python -m mnist_dlops.{top}{' ' if rest else ''}{rest}"
+
+
+def one_line(message: str, limit: int = 400) -> str:
+    """jsonargparse's multi-line message as one line: its lines joined, spaces collapsed, cut at ``limit``."""
+    text = re.sub(r"\s+", " ", " ".join(line.strip() for line in str(message).splitlines() if line.strip()))
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from argparse import ArgumentError
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -29,7 +30,7 @@ from torchmetrics.classification import (
 )
 
 from mnist_dlops.data.images import normalize
-from mnist_dlops.errors import DivergedError
+from mnist_dlops.errors import DivergedError, one_line
 from mnist_dlops.networks import FastCNN
 from mnist_dlops.schedules import OneCycleLR
 
@@ -105,7 +106,6 @@ class MNISTModule(pl.LightningModule):
         """Lightning's ``load_from_checkpoint`` for a checkpoint from anywhere: it is always loaded as plain data
         (``weights_only``, whatever is asked), and the classes its hyper-parameters name are checked
         (``mnist_dlops.trust``) before anything is built. Arguments given here override the checkpoint's."""
-        from mnist_dlops.cli.parser import one_line
         from mnist_dlops.errors import CheckpointError, ConfigError
         from mnist_dlops.importguard import UntrustedImport, guarded_imports
         from mnist_dlops.rundir.checkpoints import load_checkpoint
@@ -253,3 +253,24 @@ class MNISTModule(pl.LightningModule):
             return optimizer
         schedule = self.lr_scheduler(optimizer, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class Probabilities(nn.Module):
+    """The trained network as served: uint8 images in, class probabilities out (MNISTModule's normalization included).
+
+    A plain ``nn.Module`` around the network: the LightningModule itself carries training machinery (trainer,
+    metrics) that neither tracing nor ONNX should see.
+    """
+
+    def __init__(self, model: MNISTModule) -> None:
+        super().__init__()
+        self.network = model.network
+        self.class_names = list(model.class_names)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.network(normalize(images)).softmax(-1)
+
+
+def rebuild(path: str | os.PathLike) -> MNISTModule:
+    """The module a checkpoint was trained as, with its weights (``MNISTModule.load_from_checkpoint``'s checks)."""
+    return MNISTModule.load_from_checkpoint(path, map_location="cpu").eval()

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, cli_in_process, make_idx_set, make_png_tree, run_cli, write_idx
 
 TINY = ["--trainer.max_epochs", "1", "--data.val_size", "10", "--trainer.enable_progress_bar", "false",
@@ -223,8 +222,8 @@ def test_checkpoint_errors(tmp_path: Path, trained: Path, fault: str) -> None:
 def test_any_garbage_is_a_checkpoint_error(tmp_path: Path) -> None:
     """Random bytes make torch's unpickler fail in many ways (IndexError, KeyError, UnicodeDecodeError...): each one
     must be the one-line CheckpointError the CLI prints, never a traceback. 300 seeded garbage files, in-process."""
-    from mnist_dlops.rundir.checkpoints import load_checkpoint
     from mnist_dlops.errors import CheckpointError
+    from mnist_dlops.rundir.checkpoints import load_checkpoint
 
     rng = np.random.default_rng(0)
     for i in range(300):

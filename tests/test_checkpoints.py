@@ -10,9 +10,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from PIL import Image
-
 from conftest import REPO, cli_in_process, run_cli, run_module
+from PIL import Image
 
 from mnist_dlops.data.idx import read_idx_split
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, cli_in_process, run_module
+
 from mnist_dlops.module import MNISTModule
 
 # Written by `cli.py fit` at 88809c2, the last commit before the redesign (MLP, 5 steps, CSV tracker, a schedule).

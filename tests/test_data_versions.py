@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, make_idx_set
 
 from mnist_dlops.cli.app import cli_main

@@ -11,11 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
-from torchmetrics.classification import BinaryAUROC, MulticlassAUROC
-
 from conftest import REPO, cli_in_process, read_scalars, run_module
+from PIL import Image
 from test_trackers import DEBUG, neptune_operations, wandb_records
+from torchmetrics.classification import BinaryAUROC, MulticlassAUROC
 
 from mnist_dlops.callbacks.diagnostics import confusion, pr_curves, roc_curves
 from mnist_dlops.callbacks.plots import confusion_figure, curves_figure, plt

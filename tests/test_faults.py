@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import make_idx_set, run_module
 
 from mnist_dlops.cli.app import cli_main
-from mnist_dlops.errors import ConfigError
 from mnist_dlops.commands.export import export
 from mnist_dlops.commands.runs import runs
+from mnist_dlops.errors import ConfigError
 
 TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1",
         "--data.val_size", "20", "--trainer.enable_progress_bar", "false", "--data.download", "false",

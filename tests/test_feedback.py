@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import make_idx_set
 
 from mnist_dlops.serve.feedback import FeedbackStore, export, sign, verify

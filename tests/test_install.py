@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 HEAVY = ("wandb", "neptune", "mlflow", "optuna", "litserve", "onnx", "onnxruntime", "sqlalchemy")

@@ -3,14 +3,13 @@ counts once in the epoch's train metrics, and the default progress bar gives way
 
 from __future__ import annotations
 
-import pytest
-
 from pathlib import Path
 
+import pytest
 import torch
+from conftest import cli_in_process, read_scalars, run_cli
 from torchmetrics.classification import MulticlassAccuracy
 
-from conftest import cli_in_process, read_scalars, run_cli
 from mnist_dlops.data import MNISTDataModule
 from mnist_dlops.module import MNISTModule
 

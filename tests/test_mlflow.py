@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, make_idx_set, mlflow_ui
 
 from mnist_dlops.cli.app import cli_main

@@ -12,9 +12,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from PIL import Image
-
 from conftest import REPO, make_png_tree, run_module
+from PIL import Image
 from test_trackers import neptune_operations, wandb_records
 
 from mnist_dlops.data import MNISTDataModule

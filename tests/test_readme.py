@@ -14,7 +14,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, free_port
 
 # Lines on stderr that are news, not trouble: Lightning's own start-up and end lines, our one-line notes.

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import REPO, make_idx_set, run_cli
 
 from mnist_dlops.cli.app import cli_main

@@ -14,13 +14,13 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from conftest import REPO, mlflow_ui
 from mlflow import MlflowClient
 
-from conftest import REPO, mlflow_ui
 from mnist_dlops.cli.app import cli_main
-from mnist_dlops.commands.export import rebuild
 from mnist_dlops.commands.registry import main, register, versions
 from mnist_dlops.data.idx import IDX_FILES, find_idx, read_idx
+from mnist_dlops.module import rebuild
 
 FIT = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "40", "--trainer.limit_val_batches", "4",
        "--data.val_size", "1000", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

@@ -19,11 +19,11 @@ import torch
 import yaml
 from conftest import make_idx_set
 
-from mnist_dlops.rundir.checkpoints import STATE_KEY
 from mnist_dlops.cli.app import cli_main
-from mnist_dlops.errors import CheckpointError, ConfigError
 from mnist_dlops.commands.export import export
+from mnist_dlops.errors import CheckpointError, ConfigError
 from mnist_dlops.module import MNISTModule
+from mnist_dlops.rundir.checkpoints import STATE_KEY
 
 TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
         "--data.val_size", "20", "--trainer.enable_progress_bar", "false", "--data.download", "false"]

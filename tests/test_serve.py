@@ -24,15 +24,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PHOTOS, REPO, digit_photo, free_port
 from PIL import Image
 
-from conftest import PHOTOS, REPO, digit_photo, free_port
 from mnist_dlops.cli.app import cli_main
-from mnist_dlops.errors import CheckpointError
-from mnist_dlops.commands.export import export, rebuild
+from mnist_dlops.commands.export import export
 from mnist_dlops.commands.registry import register
-from mnist_dlops.serve.model import check, resolve
 from mnist_dlops.data.idx import IDX_FILES, find_idx, read_idx
+from mnist_dlops.errors import CheckpointError
+from mnist_dlops.module import rebuild
+from mnist_dlops.serve.model import check, resolve
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts"

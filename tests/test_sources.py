@@ -11,9 +11,9 @@ import torch
 from conftest import PHOTOS, digit_photo, fake_digits, make_idx_set, make_png_tree, write_idx
 from PIL import Image
 
-from mnist_dlops.errors import DataError
 from mnist_dlops.data.idx import IDX_FILES, find_idx, read_idx, read_idx_split
 from mnist_dlops.data.images import read_png_split
+from mnist_dlops.errors import DataError
 
 DIGITS = {str(d): d for d in range(10)}
 

@@ -12,9 +12,8 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from optuna.trial import TrialState
-
 from conftest import REPO
+from optuna.trial import TrialState
 
 from mnist_dlops.cli.app import run
 from mnist_dlops.commands.runs import runs

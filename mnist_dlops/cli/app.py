@@ -20,10 +20,10 @@ from pytorch_lightning.plugins import CheckpointIO
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from mnist_dlops.callbacks import PredictionCSV, ProgressBar
-from mnist_dlops.cli.parser import OneLineParser, check_config_files, check_values, one_line
+from mnist_dlops.cli.parser import OneLineParser, check_config_files, check_values
 from mnist_dlops.cli.restore import restore_from_checkpoint
 from mnist_dlops.data import MNISTDataModule
-from mnist_dlops.errors import USER_ERRNOS, ConfigError, invoked, user_errors
+from mnist_dlops.errors import USER_ERRNOS, ConfigError, invoked, one_line, user_errors
 from mnist_dlops.importguard import guarded_imports
 from mnist_dlops.module import MNISTModule
 from mnist_dlops.quiet import quiet

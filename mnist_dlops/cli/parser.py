@@ -13,15 +13,9 @@ from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser
 
 from mnist_dlops.cli import argv
-from mnist_dlops.errors import ConfigError, UserError
+from mnist_dlops.errors import ConfigError, UserError, one_line
 from mnist_dlops.importguard import GATE
 from mnist_dlops.rundir.checkpoints import check_filename
-
-
-def one_line(message: str, limit: int = 400) -> str:
-    """jsonargparse's multi-line message as one line: its lines joined, spaces collapsed, cut at ``limit``."""
-    text = re.sub(r"\s+", " ", " ".join(line.strip() for line in str(message).splitlines() if line.strip()))
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ArgumentsError(UserError):

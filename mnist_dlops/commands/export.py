@@ -16,42 +16,17 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
-import numpy as np
 import torch
-import yaml
 from torch import Tensor, nn
 
 from mnist_dlops.cli.restore import resolve_ckpt
-from mnist_dlops.data.images import normalize
 from mnist_dlops.errors import ConfigError, invoked, user_errors
-from mnist_dlops.module import MNISTModule
+from mnist_dlops.module import MNISTModule, Probabilities, rebuild
 from mnist_dlops.rundir.folders import free_name
-from mnist_dlops.serve.monitoring import Reference, reference_of
-
-Format = Literal["torchscript", "onnx"]  # the export formats, as export, the registry and the server name them
-
-
-class Probabilities(nn.Module):
-    """The trained network as served: uint8 images in, class probabilities out (MNISTModule's normalization included).
-
-    A plain ``nn.Module`` around the network: the LightningModule itself carries training machinery (trainer,
-    metrics) that neither tracing nor ONNX should see.
-    """
-
-    def __init__(self, model: MNISTModule) -> None:
-        super().__init__()
-        self.network = model.network
-        self.class_names = list(model.class_names)
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.network(normalize(images)).softmax(-1)
-
-
-def rebuild(path: Path) -> MNISTModule:
-    """The module a checkpoint was trained as, with its weights (``MNISTModule.load_from_checkpoint``'s checks)."""
-    return MNISTModule.load_from_checkpoint(path, map_location="cpu").eval()
+from mnist_dlops.serve.model import ExportFormat
+from mnist_dlops.serve.monitoring import Reference, training_reference
 
 
 def sample_images(n: int = 256) -> Tensor:
@@ -66,7 +41,7 @@ def onnx_available() -> bool:
 
 def export(
     ckpt_path: str,
-    formats: Optional[Sequence[Format]] = None,
+    formats: Optional[Sequence[ExportFormat]] = None,
     out_dir: Optional[str] = None,
     runs_dir: str = "lightning_logs",
     tolerance: float = 1e-5,
@@ -116,28 +91,7 @@ def export(
     return errors
 
 
-def training_reference(path: Path, model: nn.Module, n: int = 10_000) -> Optional[Reference]:
-    """The drift reference of the model on (a seeded sample of) the data it was trained on, read as its checkpoint's
-    config says; None, said in one line, when that data cannot be read here."""
-    from mnist_dlops.data import MNISTDataModule
-    from mnist_dlops.data.versions import version_label
-    from mnist_dlops.errors import UserError
-    from mnist_dlops.rundir.checkpoints import STATE_KEY, load_checkpoint
-
-    config = yaml.safe_load(load_checkpoint(path).get(STATE_KEY, {}).get("config") or "{}") or {}
-    try:
-        data = MNISTDataModule(**{**(config.get("data") or {}), "download": False})
-        data.setup("fit")
-    except (UserError, OSError, TypeError) as err:
-        print(f"drift reference: skipped, the training data cannot be read here ({str(err).splitlines()[0][:160]})")
-        return None
-    images = data.splits["train"][0][:, 0].numpy()
-    sample = np.random.default_rng(0).permutation(len(images))[:n]
-    version = data.data_version.as_dict() if data.data_version else None
-    return reference_of(model, images[np.sort(sample)], version_label(version))
-
-
-def _write(module: MNISTModule, model: Probabilities, formats: Sequence[Format], tolerance: float,
+def _write(module: MNISTModule, model: Probabilities, formats: Sequence[ExportFormat], tolerance: float,
            out: Path, reference: Optional[Reference] = None) -> dict[str, float]:
     """Each export, ``classes.txt`` and the drift reference into ``out``, each export checked against the
     checkpoint's own outputs."""

@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mnist_dlops.cli.restore import resolve_ckpt, run_checkpoint
-from mnist_dlops.commands.export import Format, export, rebuild, sample_images
+from mnist_dlops.commands.export import export, sample_images
 from mnist_dlops.data.versions import version_label
 from mnist_dlops.errors import ConfigError, invoked, user_errors
+from mnist_dlops.module import rebuild
+from mnist_dlops.serve.model import ExportFormat as Format
 from mnist_dlops.serve.monitoring import REFERENCE_FILE
 from mnist_dlops.trackers.mlflow import (
     RUN_ID_FILE,

@@ -30,9 +30,8 @@ from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from mnist_dlops.cli import argv as command_line
-from mnist_dlops.cli.parser import one_line
 from mnist_dlops.commands.runs import short
-from mnist_dlops.errors import ConfigError, UserError, invoked, user_errors
+from mnist_dlops.errors import ConfigError, UserError, invoked, one_line, user_errors
 from mnist_dlops.rundir.folders import write_atomic
 from mnist_dlops.trust import check_classes, check_url, engine_url, redact, resolve
 

@@ -20,10 +20,10 @@ import torch
 import yaml
 from torch import Tensor
 
-from mnist_dlops.commands.export import Format as ExportFormat
 from mnist_dlops.errors import CheckpointError, ConfigError, invoked
 from mnist_dlops.serve.monitoring import Reference
 
+ExportFormat = Literal["torchscript", "onnx"]  # the export formats, as export, the registry and the server name them
 Format = Literal["checkpoint", ExportFormat]  # what is served: a checkpoint, or an export
 Forward = Callable[[Tensor], Tensor]  # uint8 [N, 1, 28, 28] -> float32 probabilities [N, num_classes]
 
@@ -59,7 +59,7 @@ class ServedModel:
     def load(self) -> Forward:
         """The model's forward function (in a worker process): probabilities for uint8 images."""
         if self.format == "checkpoint":
-            from mnist_dlops.commands.export import Probabilities, rebuild
+            from mnist_dlops.module import Probabilities, rebuild
 
             module = Probabilities(rebuild(self.file)).eval()
             return _no_grad(module)
@@ -97,8 +97,9 @@ def is_torchscript(path: Path) -> bool:
 def from_checkpoint(ckpt_path: str, runs_dir: str = "lightning_logs") -> ServedModel:
     """A checkpoint (``best``/``last``, a run folder, or a file), checked as every entry point checks one."""
     from mnist_dlops.cli.restore import resolve_ckpt
-    from mnist_dlops.commands.export import Probabilities, rebuild, training_reference
+    from mnist_dlops.module import Probabilities, rebuild
     from mnist_dlops.rundir.record import run_fingerprint
+    from mnist_dlops.serve.monitoring import training_reference
 
     path = resolve_ckpt(ckpt_path, Path(runs_dir)).resolve()
     module = rebuild(path)  # fails here, in the parent, rather than in every worker

@@ -209,3 +209,26 @@ def multiprocess_dir() -> str:
         raise RuntimeError("PROMETHEUS_MULTIPROC_DIR is not set: serve() sets it before anything imports "
                            "prometheus_client")
     return folder
+
+
+def training_reference(path: Path, model: Any, n: int = 10_000) -> Optional[Reference]:
+    """The drift reference of the model on (a seeded sample of) the data it was trained on, read as its checkpoint's
+    config says; None, said in one line, when that data cannot be read here."""
+    import yaml
+
+    from mnist_dlops.data import MNISTDataModule
+    from mnist_dlops.data.versions import version_label
+    from mnist_dlops.errors import UserError
+    from mnist_dlops.rundir.checkpoints import STATE_KEY, load_checkpoint
+
+    config = yaml.safe_load(load_checkpoint(path).get(STATE_KEY, {}).get("config") or "{}") or {}
+    try:
+        data = MNISTDataModule(**{**(config.get("data") or {}), "download": False})
+        data.setup("fit")
+    except (UserError, OSError, TypeError) as err:
+        print(f"drift reference: skipped, the training data cannot be read here ({str(err).splitlines()[0][:160]})")
+        return None
+    images = data.splits["train"][0][:, 0].numpy()
+    sample = np.random.default_rng(0).permutation(len(images))[:n]
+    version = data.data_version.as_dict() if data.data_version else None
+    return reference_of(model, images[np.sort(sample)], version_label(version))
