@@ -14,12 +14,10 @@ from typing import Any, Optional
 import yaml
 
 from mnist_dlops.cli import argv
-from mnist_dlops.errors import CheckpointError, ConfigError, invoked
+from mnist_dlops.errors import TRAINING, CheckpointError, ConfigError, invoked
 from mnist_dlops.rundir.checkpoints import STATE_KEY, load_checkpoint
 from mnist_dlops.rundir.folders import recorded_best, training_runs
 from mnist_dlops.trust import check_classes
-
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def latest_run(runs_dir: Path) -> Path:
@@ -81,7 +79,7 @@ def resolve_ckpt(value: str, runs_dir: Path) -> Path:
         run = Path(value)
     else:
         return Path(value)
-    return run_checkpoint(run, best=value == "best")
+    return run_checkpoint(run)
 
 
 def run_checkpoint(run: Path, best: bool = False) -> Path:
@@ -118,7 +116,7 @@ def checkpoint_config(checkpoint: dict[str, Any], subcommand: str, path: Path) -
 def restore_from_checkpoint(args: list[str]) -> tuple[list[str], Optional[Path], Optional[dict[str, Any]]]:
     """``args`` with ``--ckpt_path`` resolved to a file and that checkpoint's config inserted as the first
     ``--config``, and the checkpoint file and its contents (loaded and checked here, once), if there is one."""
-    sub = argv.subcommand(args, SUBCOMMANDS)
+    sub = argv.subcommand(args, TRAINING)
     if sub is None:
         return args, None, None
     head, rest = args[: sub + 1], args[sub + 1 :]

@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import uuid
 import warnings
+from importlib.metadata import version as package_version
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -133,7 +134,7 @@ def _log_model(client: Any, file: Path, fmt: Format, class_names: list[str], met
             import onnx
 
             mlflow.onnx.save_model(
-                onnx.load(str(file)), str(folder), pip_requirements=[f"onnxruntime=={_version('onnxruntime')}"],
+                onnx.load(str(file)), str(folder), pip_requirements=[f"onnxruntime=={package_version('onnxruntime')}"],
                 **common,
             )
         else:
@@ -154,23 +155,15 @@ def _quiet_mlflow() -> Iterator[None]:
     """Silence three warnings that are about MLflow, not this model: its JSON serving check of the example, which
     its PyTorch flavor refuses for any tensor input; its caution about pickle, which a TorchScript file is not
     (MLflow writes it with torch.jit.save); torch's note that MLflow loads TorchScript through torch.load."""
-    loggers = [logging.getLogger(name) for name in ("mlflow.pytorch",)]
-    levels = [logger.level for logger in loggers]
+    logger = logging.getLogger("mlflow.pytorch")
+    level = logger.level
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
-            for logger in loggers:
-                logger.setLevel(logging.ERROR)
+            logger.setLevel(logging.ERROR)
             yield
     finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
+        logger.setLevel(level)
 
 
 def register(

@@ -16,7 +16,6 @@ any window; by the usual reading, below 0.1 is no shift, 0.1-0.25 a moderate one
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,15 +199,6 @@ def exposition() -> tuple[bytes, str]:
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
     return generate_latest(registry), CONTENT_TYPE_LATEST
-
-
-def multiprocess_dir() -> str:
-    """The folder ``PROMETHEUS_MULTIPROC_DIR`` names; it must be set before ``prometheus_client`` is imported."""
-    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not folder:
-        raise RuntimeError("PROMETHEUS_MULTIPROC_DIR is not set: serve() sets it before anything imports "
-                           "prometheus_client")
-    return folder
 
 
 def training_reference(path: Path, model: Any, n: int = 10_000) -> Optional[Reference]:
