@@ -1,11 +1,10 @@
-"""Provenance: which data, which code, which machine produced a run.
+"""The run's record: which data, which code, which machine produced it, written beside its config.
 
-- ``data_fingerprint``: a content hash of exactly the files the data module reads (the four IDX files, or every
-  PNG of the tree by relative path, size and hash), cached next to the data so that it is computed once.
 - ``code_version``: the git commit of the code that ran, whether the tree was dirty, and the diff when it was.
 - ``environment``: the command line, the versions that matter, and the hardware.
-- ``RunConfigSaver``: the callback that writes a stage's record into the run (``config*.yaml``, ``provenance*.yaml``)
-  and sends it to every tracker.
+- ``RunConfigSaver``: the callback that writes a stage's record into the run (``config*.yaml``, ``provenance*.yaml``,
+  ``metrics*.json``) and sends it to every tracker; the data's fingerprint comes from the data module
+  (``mnist_dlops.data.fingerprint``).
 """
 
 from __future__ import annotations
@@ -93,18 +92,11 @@ def environment() -> dict[str, Any]:
 
 def run_data(run_dir: Path) -> dict[str, Any]:
     """The data a training run recorded in its ``provenance.yaml`` (fingerprint, DVC version...); {} if unreadable."""
-    import yaml
-
     try:
         record = yaml.safe_load((run_dir / "provenance.yaml").read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return {}
     return ((record or {}).get("data") or {}) if isinstance(record, dict) else {}
-
-
-def run_fingerprint(run_dir: Path) -> Optional[str]:
-    """The data fingerprint a training run recorded in its ``provenance.yaml``; None if it has no readable record."""
-    return run_data(run_dir).get("fingerprint")
 
 
 def _iso(timestamp: float) -> str:

@@ -98,15 +98,16 @@ def from_checkpoint(ckpt_path: str, runs_dir: str = "lightning_logs") -> ServedM
     """A checkpoint (``best``/``last``, a run folder, or a file), checked as every entry point checks one."""
     from mnist_dlops.cli.restore import resolve_ckpt
     from mnist_dlops.module import Probabilities, rebuild
-    from mnist_dlops.rundir.record import run_fingerprint
+    from mnist_dlops.rundir.record import run_data
     from mnist_dlops.serve.monitoring import training_reference
 
     path = resolve_ckpt(ckpt_path, Path(runs_dir)).resolve()
     module = rebuild(path)  # fails here, in the parent, rather than in every worker
     run_dir = path.parent.parent
     reference = training_reference(path, Probabilities(module).eval())
-    return ServedModel(path, "checkpoint", list(module.class_names), run_dir.name, None, run_fingerprint(run_dir),
-                       str(path), reference=reference)
+    fingerprint = run_data(run_dir).get("fingerprint")
+    return ServedModel(path, "checkpoint", list(module.class_names), run_dir.name, None, fingerprint, str(path),
+                       reference=reference)
 
 
 def from_export(path: str) -> ServedModel:
