@@ -157,7 +157,9 @@ def test_two_wandb_runs_in_a_row_with_a_bogus_key_finish_offline(tmp_path: Path,
     monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")  # "configured", but bogus
     for expected in ("version_0", "version_1"):
         start = time.perf_counter()
-        run = _fit(tmp_path, mnist_dir, "wandb.yaml")
+        # Offline here: no server answers; with a network, W&B refuses the bogus key. Either way the user is told.
+        with pytest.warns(UserWarning, match="W&B server not reachable|W&B online start failed"):
+            run = _fit(tmp_path, mnist_dir, "wandb.yaml")
         print(f"\nW&B run with a bogus key and no server: {time.perf_counter() - start:.1f} s wall")
         assert run.name == expected and len(list(run.glob("wandb/offline-run-*/run-*.wandb"))) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lightning_logs"]
@@ -193,7 +195,8 @@ def test_wandb_falls_back_offline_from_a_silent_server_and_keeps_its_files_in_th
     monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")  # "configured"
     try:
         start = time.perf_counter()
-        run = _fit(tmp_path / "work", mnist_dir, "wandb.yaml", "--trainer.logger.init_args.connect_timeout", "2")
+        with pytest.warns(UserWarning, match="W&B server not reachable: logging offline"):  # the user is told
+            run = _fit(tmp_path / "work", mnist_dir, "wandb.yaml", "--trainer.logger.init_args.connect_timeout", "2")
         seconds = time.perf_counter() - start
     finally:
         stop.set()
