@@ -23,9 +23,9 @@ import shutil
 import tempfile
 import uuid
 import warnings
-from importlib.metadata import version as package_version
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any, Optional
 
