@@ -8,12 +8,20 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from importlib import import_module
-from pathlib import Path
-from typing import Optional
 
-from mnist_dlops import errors
+# `python -m` puts the working directory first on sys.path (`python -P` would not): a yaml.py or torch.py dropped
+# there would load before any command's import gate is up. No command imports from it (your own package: install it,
+# or put it on PYTHONPATH, and trust it with MNIST_DLOPS_TRUST).
+if __name__ == "__main__" and sys.path and os.path.realpath(sys.path[0] or os.curdir) == os.path.realpath(os.getcwd()):
+    del sys.path[0]
+
+from importlib import import_module  # noqa: E402 - after the working directory left sys.path
+from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
+
+from mnist_dlops import errors  # noqa: E402
 
 # command: (module whose main(argv) runs it, what it does); fit/validate/test/predict go to LightningCLI.
 COMMANDS = {
@@ -52,7 +60,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     elif command in COMMANDS:
         import_module(COMMANDS[command][0]).main(rest)
     else:
-        errors.fail(f"{command}: no such command (one of {', '.join([*errors.TRAINING, *COMMANDS])})", 2)
+        from difflib import get_close_matches
+
+        known = [*errors.TRAINING, *COMMANDS]
+        close = get_close_matches(command, known, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        errors.fail(f"{command}: no such command ({hint}one of {', '.join(known)})", 2)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, NoReturn, Optional
 
 from mnist_dlops.importguard import guarded_imports
 from mnist_dlops.quiet import quiet
+from mnist_dlops.writeguard import WriteRefused, guarded_writes
 
 # File-system errors that are the user's to fix: a disk full or over quota, a file too large for the limit, a
 # read-only file system, no permission, a path that is missing, a file or a folder. Any other OSError (a socket, a
@@ -48,14 +50,20 @@ class DataError(UserError, ValueError):
     """A data file or folder that cannot be used; the message names it and says what is wrong."""
 
 
+class ArgumentsError(UserError):
+    """A command line or config file the parser refuses; not a ``ValueError``, which jsonargparse would catch."""
+
+    exit_code = 2
+
+
 class DivergedError(UserError):
     """Training produced a NaN or infinite loss or weights; it stopped before saving a diverged model."""
 
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Every command's outer frame: imports are gated (``mnist_dlops.importguard``) and libraries' noise silenced
-    (``mnist_dlops.quiet``) for the whole command, and a
+    """Every command's outer frame: imports and writes are gated (``mnist_dlops.importguard``,
+    ``mnist_dlops.writeguard``) and libraries' noise silenced (``mnist_dlops.quiet``) for the whole command, and a
     ``UserError`` or a user's file-system error becomes one ``error:`` line and its exit status (the error's
     ``exit_code``; 1 for a path that cannot be written); anything else propagates.
 
@@ -72,20 +80,44 @@ def user_errors() -> Iterator[None]:
 
     threading.excepthook = hook
     try:
-        with guarded_imports(), quiet():
-            yield
+        with guarded_imports(), guarded_writes() as writes, quiet():
+            try:
+                yield
+            except BaseException as err:  # a refused write is the news, whatever a library made of it
+                if not writes.refused or isinstance(err, WriteRefused):
+                    raise
+                raise WriteRefused(writes.refused[0], "") from err
+            if writes.refused:  # a library caught it and went on: what was asked for was not written
+                raise WriteRefused(writes.refused[0], "")
         if in_threads:  # the command itself went on: what the thread wrote is lost all the same
             raise in_threads[0]
-    except UserError as err:
+    except (UserError, WriteRefused) as err:
         fail(str(err), err.exit_code)
     except OSError as err:
         if err.errno not in USER_ERRNOS:
             raise
         named = err if err.filename else next((e for e in in_threads if e.filename), err)
-        where = os.fsdecode(named.filename) if named.filename else "writing the run's files"
+        # A copy or a rename that fails for want of space or permission names both files: the destination is news.
+        target = named.filename2 if named.filename2 and err.errno != errno.ENOENT else named.filename
+        where = os.fsdecode(target) if target else "writing the run's files"
         fail(f"{where}: {err.strerror or err}", 1)
     finally:
         threading.excepthook = previous
+
+
+def command(components: Any, argv: Optional[list[str]], name: str, **kwargs: Any) -> Any:
+    """A command beside training (``runs``, ``datasets``...): jsonargparse's ``CLI`` over its functions, inside
+    ``user_errors``, with a refused argument as one ``error:`` line and exit status 2 instead of a usage dump."""
+    from jsonargparse import CLI, ArgumentParser
+
+    class OneLine(ArgumentParser):
+        def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
+            if not self.exit_on_error:  # jsonargparse parses tentatively with errors raised, then retries: let it
+                super().error(message, ex)
+            raise ArgumentsError(one_line(f"{message} (see {invoked(name)} --help)"))
+
+    with user_errors():
+        return CLI(components, args=argv, prog=invoked(name), parser_class=OneLine, **kwargs)
 
 
 def fail(message: str, status: int) -> None:

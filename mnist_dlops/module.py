@@ -110,6 +110,7 @@ class MNISTModule(pl.LightningModule):
         from mnist_dlops.importguard import UntrustedImport, guarded_imports
         from mnist_dlops.rundir.checkpoints import load_checkpoint
         from mnist_dlops.trust import check_classes
+        from mnist_dlops.writeguard import guarded_writes
 
         if kwargs.get("hparams_file"):
             raise CheckpointError("hparams_file: not supported; pass the arguments to override as keywords")
@@ -118,7 +119,8 @@ class MNISTModule(pl.LightningModule):
         hparams: dict[str, Any] = {}
         for key in ("hparams", "module_arguments", "hyper_parameters"):
             hparams.update(checkpoint.get(key) or {})
-        with guarded_imports():  # a plain string naming a class is imported by the parser, not only class_path
+        # A plain string naming a class is imported by the parser, not only class_path; building writes nothing.
+        with guarded_imports(), guarded_writes():
             try:
                 check_classes({"model": {**hparams, **kwargs}})
             except ConfigError as err:

@@ -20,8 +20,21 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# The genuine MNIST files (md5-verified) live in ../shared/data/mnist beside the checkout; MNIST_DIR overrides.
-MNIST_DIR = Path(os.environ.get("MNIST_DIR", REPO.parent / "shared" / "data" / "mnist"))
+
+
+def find_mnist(repo: Path = REPO, mirrors: tuple[str, ...] | None = None) -> Path:
+    """The genuine MNIST files: ``MNIST_DIR``, else ``../shared/data/mnist`` beside the checkout, else the
+    repository's ``data/mnist`` (where the quick start puts them), downloaded there with the project's own
+    MD5-checked downloader when none holds them. One line (``DataError``) when no copy and no mirror answers."""
+    from mnist_dlops.data.download import DEFAULT_MIRRORS, ensure_mnist, missing_files
+
+    if os.environ.get("MNIST_DIR"):
+        return Path(os.environ["MNIST_DIR"])
+    for folder in (repo.parent / "shared" / "data" / "mnist", repo / "data" / "mnist"):
+        if folder.is_dir() and not missing_files(folder):
+            return folder
+    ensure_mnist(repo / "data" / "mnist", list(mirrors or DEFAULT_MIRRORS))
+    return repo / "data" / "mnist"
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -65,12 +78,30 @@ def make_png_tree(root: Path, per_class: int = 3, names: dict[int, str] | None =
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def system_temp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A system temp folder of the tests' own, beside their tmp_path folders: the write gate lets every command
+    write in the temp folder, and a file a test plants under its tmp_path must be outside it, as on a user's disk."""
+    folder = tmp_path_factory.mktemp("system-temp")
+    before = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir, os.environ["TMPDIR"] = str(folder), str(folder)
+    yield folder
+    tempfile.tempdir = before[0]
+    if before[1] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before[1]
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
-    """The real MNIST files; a missing copy is a failure, not a skip, so CI cannot pass without real data."""
-    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"real MNIST not found in {MNIST_DIR}: set MNIST_DIR to a folder with the four *-ubyte.gz files")
-    return MNIST_DIR
+    """The real MNIST files (``find_mnist``); none is a failure, not a skip, so CI cannot pass without real data."""
+    from mnist_dlops.errors import DataError
+
+    try:
+        return find_mnist()
+    except DataError as err:
+        pytest.fail(f"real MNIST not found nor downloadable: {err} (or set MNIST_DIR)", pytrace=False)
 
 
 @pytest.fixture

@@ -194,7 +194,7 @@ CKPT_FAULTS: dict[str, tuple[Callable[[Path, Path], list[str]], list[str]]] = {
     "random bytes": (lambda d, good: ["test", "--ckpt_path", str(_write(d / "r.ckpt", os.urandom(5000)))],
                      ["r.ckpt: not a PyTorch checkpoint"]),
     "a folder": (lambda d, good: (d / "somedir").mkdir() or ["test", "--ckpt_path", str(d / "somedir")],
-                 ["somedir: is a folder"]),
+                 ["somedir: a folder holding no checkpoint"]),
     "pickle payload": (lambda d, good: ["test", "--ckpt_path", str(_payload(d / "p.ckpt"))],
                        ["p.ckpt", "refusing to load it"]),
     "another task": (lambda d, good: ["test", "--ckpt_path", str(good), "--data.task", "multiclass"],

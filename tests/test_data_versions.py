@@ -135,7 +135,7 @@ def test_data_outside_dvc_says_so_and_still_runs(tmp_path: Path, caplog: pytest.
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     make_idx_set(tmp_path / "data")
-    cli_main(["fit", "--data.data_dir", "data", *SHORT])
+    cli_main(["fit", "--data.data_dir", "data", *SHORT, "--log_level", "info"])
     assert "data: data is not tracked by DVC" in caplog.text
     record = yaml.safe_load((tmp_path / "lightning_logs/version_0/provenance.yaml").read_text())["data"]
     assert record["version"] is None and len(record["fingerprint"]) == 64

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import find_mnist, run_cli
 
 from mnist_dlops.data.download import MD5, ensure_mnist, md5sum
 from mnist_dlops.errors import DataError
@@ -105,3 +105,20 @@ def _cwd(tmp_path: Path) -> Path:
 
     (tmp_path / "configs").symlink_to(REPO / "configs")
     return tmp_path
+
+
+def test_the_suite_fetches_mnist_on_a_fresh_clone(tmp_path: Path, mnist_dir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clone with no ../shared beside it and no MNIST_DIR: the tests' MNIST is downloaded into its data/mnist with
+    the project's MD5-checked downloader (here from a mirror on 127.0.0.1); with no mirror, one line."""
+    monkeypatch.delenv("MNIST_DIR", raising=False)
+    clone = tmp_path / "laptop" / "mnist-dlops"
+    clone.mkdir(parents=True)
+    with serve(mnist_dir) as url:
+        found = find_mnist(clone, (url,))
+    assert found == clone / "data" / "mnist"
+    assert {name: md5sum(found / name) for name in MD5} == MD5
+    assert find_mnist(clone, (_closed_port_url(),)) == found  # found there the next time, nothing fetched
+    with pytest.raises(DataError) as error:
+        find_mnist(tmp_path / "offline" / "mnist-dlops", (_closed_port_url(),))
+    assert "\n" not in str(error.value) and "no mirror gave a verified copy" in str(error.value)

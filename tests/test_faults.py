@@ -56,7 +56,7 @@ CONFIG_FAULTS = {
     "no epochs": ({}, ["--trainer.max_epochs", "0"], ["trainer.max_epochs=0"]),
     "no batches": ({}, ["--trainer.limit_train_batches", "0"], ["trainer.limit_train_batches=0"]),
     "negative width": ({}, ["--model.network.init_args.hidden", "-4"], ["hidden", "-4"]),
-    "escaping filename": ({}, ["--checkpoint.filename", "../../../escaped"], ["checkpoint.filename"]),
+    "escaping filename": ({}, ["--checkpoint.filename", "../../../escaped"], ["checkpoint.filename", "refused to"]),
     "another run's folder": ({}, ["--checkpoint.dirpath", "lightning_logs/version_7/checkpoints"],
                              ["checkpoint.dirpath"]),
     "empty runs_dir": ({}, ["--runs_dir", ""], ["runs_dir=''"]),

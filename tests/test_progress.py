@@ -41,7 +41,8 @@ def terminal_output(cwd: Path, args: list[str], columns: int) -> str:
 def test_the_bar_fits_80_columns_and_keeps_lightnings_lines(tmp_path: Path) -> None:
     make_idx_set(tmp_path / "data", n_train=900)
     screen = terminal_output(tmp_path, ["fit", "--data.data_dir", "data", "--data.val_size", "100",
-                                        "--data.batch_size", "16", "--trainer.callbacks", "[]"], columns=80)
+                                        "--data.batch_size", "16", "--trainer.callbacks", "[]", "--log_level", "info"],
+                             columns=80)
     lines = [line.rstrip() for line in screen.splitlines()]
     assert "EXIT=0" in lines, screen
     # Lightning's status line survives the live display instead of being drawn over.

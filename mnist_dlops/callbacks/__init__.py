@@ -9,9 +9,16 @@ The run's record (config and provenance) is ``mnist_dlops.rundir.record.RunConfi
 resume exactly is ``mnist_dlops.rundir.checkpoints.ResumeState``.
 """
 
-from mnist_dlops.callbacks.devices import DeviceStatsMonitor
-from mnist_dlops.callbacks.diagnostics import Diagnostics
-from mnist_dlops.callbacks.predictions import PredictionCSV
-from mnist_dlops.callbacks.progress import ProgressBar
+from importlib import import_module
+from typing import Any
 
-__all__ = ["Diagnostics", "DeviceStatsMonitor", "PredictionCSV", "ProgressBar"]
+# name -> its module, loaded when a config or the CLI first names it (PEP 562): the package itself imports nothing.
+_WHERE = {"DeviceStatsMonitor": "devices", "Diagnostics": "diagnostics", "PredictionCSV": "predictions",
+          "ProgressBar": "progress"}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(import_module(f"mnist_dlops.callbacks.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

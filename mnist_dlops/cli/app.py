@@ -9,7 +9,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from jsonargparse import Namespace
 from pytorch_lightning import Callback, Trainer
@@ -26,11 +26,13 @@ from mnist_dlops.data import MNISTDataModule
 from mnist_dlops.errors import USER_ERRNOS, ConfigError, invoked, one_line, user_errors
 from mnist_dlops.importguard import guarded_imports
 from mnist_dlops.module import MNISTModule
-from mnist_dlops.quiet import quiet
+from mnist_dlops.quiet import quiet, show
 from mnist_dlops.rundir.checkpoints import AtomicCheckpointIO, ResumeState, RunCheckpoint, load_checkpoint
 from mnist_dlops.rundir.folders import claim_run_dir, run_dir_of
 from mnist_dlops.rundir.record import RunConfigSaver
 from mnist_dlops.trust import check_classes
+from mnist_dlops.writeguard import GATE as WRITES
+from mnist_dlops.writeguard import allow_writes, guarded_writes
 
 # lr is the peak of the default one-cycle schedule. Adam's fused kernel: one pass over each parameter instead of a
 # dozen element-wise ops (CPU and GPU).
@@ -80,7 +82,7 @@ class MNISTCLI(LightningCLI):
         if self.claimed is not None:
             if not any(self.claimed.glob("checkpoints/*.ckpt")):
                 shutil.rmtree(self.claimed, ignore_errors=True)
-        elif self.run_dir is not None and self.subcommand != "fit":
+        elif self.run_dir is not None and (self.subcommand != "fit" or not any(self.run_dir.glob("checkpoints/*.ckpt"))):
             for path in sorted(set(self.run_dir.rglob("*")) - self._files_before, reverse=True):
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
@@ -95,6 +97,11 @@ class MNISTCLI(LightningCLI):
             "--run.tags", type=list[str], default=[], help="Labels of this run, for the trackers and the runs table."
         )
         parser.add_argument("--run.note", type=Optional[str], default=None, help="A free-text note on this run.")
+        parser.add_argument(
+            "--log_level", type=Literal["debug", "info", "warning", "error"], default="warning",
+            help="The libraries' lines to print: info adds Lightning's seed, devices and model summary, and W&B's and "
+            "Neptune's own lines.",
+        )
         parser.add_argument(
             "--run_dir", type=Optional[str], default=None,
             help="This run's own folder, at a fixed path (a pipeline stage's output; it must not exist or be empty); "
@@ -150,6 +157,7 @@ class MNISTCLI(LightningCLI):
         if self.subcommand is None:
             return
         config = self.config[self.subcommand]
+        show(config.log_level)  # inside quiet(), which puts the levels back when the command ends
         check_classes(config)
         check_values(config)
         ckpt = config.get("ckpt_path")
@@ -158,16 +166,24 @@ class MNISTCLI(LightningCLI):
         if ckpt and self.subcommand == "fit":  # a resume must have something left to train
             check_resumable(self.checkpoint, config)
         self.checkpoint = None  # read once, checked; Lightning loads its own copy to restore from
+        # A refused write names the key that asked for it (the checkpoint callback's is ours, not a class path).
+        WRITES.note_sources(config, built={f"{RunCheckpoint.__module__}.RunCheckpoint": "checkpoint"})
         run_dir = os.environ.get(RUN_DIR_ENV) or config.get("run_dir") or run_dir_of(config.get("ckpt_path"))
         run_dir = Path(run_dir) if run_dir else None
+        if run_dir is None:
+            runs_dir = Path(config.runs_dir)
+            with WRITES.allowing(runs_dir, "the runs folder"):  # for the new version_N only
+                run_dir = self.claimed = claim_run_dir(runs_dir)
+        allow_writes(run_dir, "the run")
+        for store in ("mlflow.db", "mlflow.db.lock", "mlflow.db-journal", "mlflow-artifacts"):  # MLflow's tracker
+            allow_writes(run_dir.resolve().parent / store, "the runs folder's MLflow store")
         if config.get("run_dir") and not os.environ.get(RUN_DIR_ENV):
             if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
                 raise ConfigError(f"run_dir={run_dir}: exists and is not empty; a run gets a folder of its own "
                                   "(rerunning a pipeline run's config.yaml? add --run_dir null)")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self.claimed = run_dir
-        if run_dir is None:
-            run_dir = self.claimed = claim_run_dir(Path(config.runs_dir))
+            if not run_dir.exists():  # a folder that was there, empty, stays when the run fails
+                run_dir.mkdir(parents=True)
+                self.claimed = run_dir
         self.run_dir = run_dir
         self._files_before = set(run_dir.rglob("*"))
         try:  # before any tracker starts a writer thread that would fail later, with a traceback of its own
@@ -201,6 +217,8 @@ class MNISTCLI(LightningCLI):
         """Lightning's, with our progress bar as the default one (Lightning adds its Rich bar when none is listed),
         without our checkpoint callback when ``trainer.enable_checkpointing`` is false, and with checkpoints
         written atomically (``Trainer(plugins=...)``) unless the config names its own checkpoint IO."""
+        if config.get("enable_model_summary") is None:  # Lightning's table: news at --log_level info, unless asked
+            config = {**config, "enable_model_summary": self.config[self.subcommand].log_level in ("debug", "info")}
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
@@ -258,7 +276,7 @@ def run(args: ArgsType = None, callbacks: Sequence[Callback] = (), check: bool =
     environ = dict(os.environ)
     try:
         # Whatever the config, checkpoint or URL names, nothing untrusted is imported; libraries' noise is not printed.
-        with guarded_imports(), quiet():
+        with guarded_imports(), guarded_writes(), quiet():
             return (ConfigCheck if check else MNISTCLI)(
                 MNISTModule,
                 MNISTDataModule,

@@ -5,23 +5,56 @@ What classes a config may name is ``mnist_dlops.trust``'s business.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from typing import Any, NoReturn
 
-from jsonargparse import Namespace
+import yaml
+from jsonargparse import Namespace, get_loader, set_loader
 from pytorch_lightning.cli import LightningArgumentParser
 
 from mnist_dlops.cli import argv
-from mnist_dlops.errors import ConfigError, UserError, one_line
+from mnist_dlops.errors import ArgumentsError, ConfigError, one_line
 from mnist_dlops.importguard import GATE
-from mnist_dlops.rundir.checkpoints import check_filename
+
+# A config holds hundreds of values; a YAML alias bomb of a few hundred bytes expands to billions.
+MAX_YAML_VALUES = 100_000
 
 
-class ArgumentsError(UserError):
-    """A command line or config file the parser refuses; not a ``ValueError``, which jsonargparse would catch."""
+def _values(node: yaml.Node, seen: dict[int, int]) -> int:
+    """How many values ``node`` stands for once its aliases are expanded (each shared node counted once per use)."""
+    if id(node) not in seen:
+        children = node.value if isinstance(node, yaml.SequenceNode) else (
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        seen[id(node)] = 1 + sum(_values(child, seen) for child in children)
+    return seen[id(node)]
 
-    exit_code = 2
+
+def check_yaml(text: str, name: str) -> None:
+    """YAML from anywhere is refused in one line, in bounded memory, when its aliases would expand it past
+    ``MAX_YAML_VALUES`` values or it nests deeper than Python can parse; any other fault is the parser's to report."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        size = _values(node, {}) if node is not None else 0
+    except RecursionError:
+        raise ConfigError(f"{name}: nested too deeply to parse") from None
+    except yaml.YAMLError:
+        return
+    if size > MAX_YAML_VALUES:
+        raise ConfigError(f"{name}: its aliases expand to more than {MAX_YAML_VALUES:,} values; refusing it")
+
+
+def _bounded(load: Any) -> Any:
+    def bounded_load(text: str) -> Any:
+        check_yaml(text, "a config value or file")
+        return load(text)
+
+    return bounded_load
+
+
+# Every YAML that jsonargparse reads (a -c file, one nested in it, a flag's value) goes through the check first.
+set_loader("yaml", _bounded(get_loader("yaml")), exceptions=(yaml.YAMLError,))
 
 
 class OneLineParser(LightningArgumentParser):
@@ -39,11 +72,15 @@ class OneLineParser(LightningArgumentParser):
             keys = re.findall(r'Parser key "([^"]+)"', str(message))  # outermost first: model, model.network
             keys = [key for key, inner in zip(keys, [*keys[1:], ""]) if not inner.startswith(key)]
             message = ": ".join([*keys, GATE.refused[-1]])
+        unknown = re.search(r"unrecognized arguments: --?([\w.]+)", str(message), re.IGNORECASE)
+        if unknown:  # a misspelled flag: the closest of the parser's own keys
+            close = difflib.get_close_matches(unknown.group(1), list(self.get_defaults().keys()), n=1)
+            message = f"{message} (did you mean --{close[0]}?)" if close else message
         raise ArgumentsError(one_line(message))
 
 
 def check_values(config: Namespace) -> None:
-    """Values that parse but make no sense, or would write outside the run, caught before any run directory exists."""
+    """Values that parse but make no sense, or that a run would ignore, caught before any run directory exists."""
     optimizer = config.get("model.optimizer")
     lr = optimizer.get("init_args", Namespace()).get("lr") if isinstance(optimizer, Namespace) else None
     if isinstance(lr, (int, float)) and not lr > 0:
@@ -60,7 +97,7 @@ def check_values(config: Namespace) -> None:
         raise ConfigError("trainer.limit_train_batches=0: nothing would be trained; give a number of batches >= 1")
     if not str(config.get("runs_dir") or "").strip():
         raise ConfigError("runs_dir='': give the folder that holds the runs (default: lightning_logs)")
-    # A run writes only inside its own directory: checkpoints go to <run>/checkpoints, named without a path.
+    # Each run gets its own directory and checkpoints its checkpoints/ folder: a value here would be ignored.
     if config.get("trainer.default_root_dir") is not None:
         raise ConfigError(
             f"trainer.default_root_dir={config.trainer.default_root_dir}: each run gets its own directory under "
@@ -71,19 +108,18 @@ def check_values(config: Namespace) -> None:
             f"checkpoint.dirpath={config.checkpoint.dirpath}: checkpoints are always written to the run's "
             "checkpoints/ folder; use --runs_dir to choose where runs go"
         )
-    check_filename("checkpoint.filename", config.get("checkpoint.filename"))
 
 
 def check_config_files(args: list[str]) -> None:
     """Every ``-c``/``--config`` file that exists must be valid YAML; the error names the file and the line."""
-    import yaml
-
     for path in argv.config_files(args):
         if "\n" in path or not os.path.isfile(path):
             continue  # a missing file is jsonargparse's to report; a YAML string is parsed as such
         try:
             with open(path) as f:
-                content = yaml.safe_load(f)
+                text = f.read()
+            check_yaml(text, path)
+            content = yaml.safe_load(text)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import yaml
 
 from mnist_dlops.cli import argv
+from mnist_dlops.cli.parser import check_yaml
 from mnist_dlops.errors import TRAINING, CheckpointError, ConfigError, invoked
 from mnist_dlops.rundir.checkpoints import STATE_KEY, load_checkpoint
 from mnist_dlops.rundir.folders import recorded_best, training_runs
@@ -102,9 +103,13 @@ def checkpoint_config(checkpoint: dict[str, Any], subcommand: str, path: Path) -
             f"{path}: records no run configuration (weights only, or not written by this project); use the run's "
             "last.ckpt or best checkpoint, or load it in Python with MNISTModule.load_from_checkpoint"
         )
+    check_yaml(saved, f"{path}: its stored config")
     config = yaml.safe_load(saved)
     config.pop("ckpt_path", None)
-    config.pop("run_dir", None)  # a resume continues in the checkpoint's own run
+    # A resume continues in the checkpoint's own run, an evaluation too (or a new one under the user's --runs_dir):
+    # a checkpoint does not choose where anything is written.
+    config.pop("run_dir", None)
+    config.pop("runs_dir", None)
     if subcommand == "fit":
         return config
     trainer = config.get("trainer") or {}

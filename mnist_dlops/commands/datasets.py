@@ -27,7 +27,7 @@ import yaml
 from mnist_dlops.data.idx import IDX_FILES, find_idx, read_idx_set, write_idx, write_idx_set
 from mnist_dlops.data.images import read_png_folder
 from mnist_dlops.data.versions import repo_root, workspace_version
-from mnist_dlops.errors import ConfigError, DataError, UserError, invoked, user_errors
+from mnist_dlops.errors import ConfigError, DataError, UserError, command, invoked
 from mnist_dlops.rundir.folders import replacing
 
 
@@ -153,13 +153,15 @@ def add(path: str, tag: Optional[str] = None, message: Optional[str] = None, pus
              *([str(ignore)] if (root / ignore).is_file() else []))
     else:
         print(f"{rel}: unchanged since its last version ({md5[:12]})")
+    # The tag goes on the commit that recorded this version of the pointer (HEAD, unless it was unchanged).
+    commit = _run(root, "git", "log", "-1", "--format=%h", "--", pointer).strip()
     if tag:
-        _run(root, "git", "tag", tag)
+        _run(root, "git", "tag", tag, commit)
     has_remote = subprocess.run([_dvc(), "remote", "default"], cwd=root, capture_output=True, text=True).stdout.strip()
     if push and has_remote:
         _run(root, _dvc(), "push", "--quiet", pointer)
-    commit = _run(root, "git", "rev-parse", "--short", "HEAD").strip()
-    print(f"{rel}: version {tag or commit} ({md5[:12]}, commit {commit})")
+    branch = _run(root, "git", "branch", "--show-current").strip() or "a detached HEAD"
+    print(f"{rel}: version {tag or commit} ({md5[:12]}, commit {commit} on branch {branch})")
 
 
 def versions(path: str) -> list[dict[str, object]]:
@@ -233,11 +235,8 @@ def feedback(out: str = "data/feedback", url: Optional[str] = None, holdout: flo
 
 def main(argv: Optional[list[str]] = None) -> None:
     """``python -m mnist_dlops.datasets {add,list,verify,relabel,merge,png,feedback}``, with one-line errors."""
-    from jsonargparse import CLI
-
-    with user_errors():
-        CLI({"add": add, "list": list_versions, "verify": verify, "relabel": relabel, "merge": merge, "png": png,
-             "feedback": feedback}, args=argv, prog=invoked("datasets"))
+    command({"add": add, "list": list_versions, "verify": verify, "relabel": relabel, "merge": merge, "png": png,
+             "feedback": feedback}, argv, "datasets")
 
 
 if __name__ == "__main__":

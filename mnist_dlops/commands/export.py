@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
@@ -22,9 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from mnist_dlops.cli.restore import resolve_ckpt
-from mnist_dlops.errors import ConfigError, invoked, user_errors
+from mnist_dlops.errors import ConfigError, command
 from mnist_dlops.module import MNISTModule, Probabilities, rebuild
-from mnist_dlops.rundir.folders import free_name
+from mnist_dlops.rundir.folders import free_name, replacing
 from mnist_dlops.serve.model import ExportFormat
 from mnist_dlops.serve.monitoring import Reference, training_reference
 
@@ -77,14 +75,11 @@ def export(
     out = Path(out_dir) if out_dir else free_name(path.resolve().parent.parent, "export", "")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"out_dir={out}: already holds an export or other files; choose another folder (nothing is overwritten)")
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Written into a hidden folder beside it, renamed into place once every export has been checked: an export that
     # fails (a mismatch, a full disk, Ctrl-C) leaves nothing, and the next one gets the same name.
     reference = training_reference(path, model)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as staging:
-        errors = _write(module, model, formats, tolerance, Path(staging), reference)
-        os.replace(staging, out)
-        Path(staging).mkdir()  # for TemporaryDirectory's own clean-up
+    with replacing(out, "out_dir") as staging:
+        errors = _write(module, model, formats, tolerance, staging, reference)
     for fmt in formats:
         print(f"{fmt}: {out / ('model.pt' if fmt == 'torchscript' else 'model.onnx')} "
               f"(max |difference| from the checkpoint {errors[fmt]:.1e}: ok)")
@@ -135,10 +130,7 @@ def _onnx(model: nn.Module, images: Tensor, out: Path) -> tuple[Path, Tensor]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """``python -m mnist_dlops.export``: parse the flags of ``export`` and run it, with one-line errors."""
-    from jsonargparse import CLI
-
-    with user_errors():
-        CLI(export, as_positional=False, args=argv, prog=invoked("export"))
+    command(export, argv, "export", as_positional=False)
 
 
 if __name__ == "__main__":

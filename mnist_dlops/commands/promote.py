@@ -16,14 +16,14 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
 
 from mnist_dlops.data.idx import read_idx_split
 from mnist_dlops.data.images import read_png_split
-from mnist_dlops.errors import ConfigError
+from mnist_dlops.errors import ConfigError, invoked
 
 
 def eval_sets(mnist_dir: str, feedback_dir: Optional[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -75,11 +75,12 @@ def table(results: dict[str, dict[str, dict[str, Any]]], champion: str, candidat
 
 def promote(
     name: str,
-    candidate: Optional[int] = None,
+    candidate: Union[int, Literal["latest"]] = "latest",
     alias: str = "production",
     mnist_dir: str = "data/mnist",
     feedback_dir: Optional[str] = None,
     tolerance: float = 0.002,
+    floor: float = 0.9,
     force: bool = False,
     runs_dir: str = "lightning_logs",
     tracking_uri: Optional[str] = None,
@@ -88,12 +89,13 @@ def promote(
 
     Args:
         name: The registered model.
-        candidate: The version that would take the alias; default the newest version.
+        candidate: The version that would take the alias: a number, or ``latest`` (the newest version).
         alias: The alias of the version in service (the champion).
         mnist_dir: The MNIST IDX folder whose test split both are judged on.
         feedback_dir: A feedback data version (``python -m mnist_dlops.datasets feedback``): its held-out ``test/``
             share is the second set.
         tolerance: How much lower the candidate's accuracy may be on a set and still pass (0.002: two in a thousand).
+        floor: The lowest accuracy on every set a version needs to take an alias no version holds yet.
         force: Move the alias whatever the comparison says (recorded on the version as ``gate.forced``).
         runs_dir: Folder of the runs (the default MLflow store).
         tracking_uri: The MLflow store; default ``MLFLOW_TRACKING_URI``, else ``sqlite:///<runs_dir>/mlflow.db``.
@@ -103,17 +105,21 @@ def promote(
     """
     from mlflow.exceptions import MlflowException
 
-    from mnist_dlops.serve.model import from_registry
+    from mnist_dlops.serve.model import check, from_registry
     from mnist_dlops.trackers.mlflow import check_name, open_client, store
 
-    if tolerance < 0:
-        raise ConfigError(f"tolerance={tolerance}: must be >= 0")
+    if tolerance < 0 or not 0 <= floor <= 1:
+        raise ConfigError(f"tolerance={tolerance}: must be >= 0" if tolerance < 0 else f"floor={floor}: must be in [0, 1]")
+    if feedback_dir and not Path(feedback_dir).is_dir():
+        raise ConfigError(f"feedback_dir={feedback_dir}: no such folder ({invoked('datasets feedback')} --out "
+                          f"{feedback_dir} writes it)")
     with store(f"promote {name}"):
         client = open_client(runs_dir, tracking_uri)
         if not check_name(client, name):
             raise ConfigError(f"name={name}: no registered model of that name")
-        if candidate is None:
+        if candidate == "latest":
             candidate = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+            print(f"candidate: version {candidate}, the newest of {name}")
         try:
             client.get_model_version(name, str(candidate))
         except MlflowException:
@@ -123,18 +129,30 @@ def promote(
         except MlflowException:
             champion = None
     location = client.tracking_uri
-    if champion is None or champion == str(candidate):
-        with store(f"alias {name}@{alias}"):
-            client.set_registered_model_alias(name, alias, str(candidate))
-        print(f"{name}@{alias} -> version {candidate} ({'no version held it' if champion is None else 'already'})")
+    if champion == str(candidate):
+        print(f"{name}@{alias} -> version {candidate} (already)")
         return True
     sets = eval_sets(mnist_dir, feedback_dir)
-    models = {role: from_registry(f"models:/{name}/{version}", tracking_uri=location)
-              for role, version in (("champion", champion), ("candidate", str(candidate)))}
+    roles = {"candidate": str(candidate), **({"champion": champion} if champion else {})}
+    models = {role: from_registry(f"models:/{name}/{version}", tracking_uri=location) for role, version in roles.items()}
+    for served in models.values():
+        check(served)  # a version that cannot predict is refused before any comparison
     forwards = {role: served.load() for role, served in models.items()}
     classes = len(models["candidate"].class_names)
     results = {set_name: {role: evaluate(forwards[role], images, labels, classes) for role in forwards}
                for set_name, (images, labels) in sets.items()}
+    if champion is None:  # the first holder of the alias: judged against the stated floor
+        low = [f"{s}: {r['candidate']['acc']:.4f} < {floor}" for s, r in results.items() if r["candidate"]["acc"] < floor]
+        for set_name, r in results.items():
+            print(f"{set_name}: version {candidate} accuracy {r['candidate']['acc']:.4f} (floor {floor})")
+        if not low or force:
+            with store(f"alias {name}@{alias}"):
+                client.set_registered_model_alias(name, alias, str(candidate))
+            print(f"{name}@{alias} -> version {candidate} (no version held it; "
+                  f"{'forced, although: ' + '; '.join(low) if low else 'above the floor on every set'})")
+            return True
+        print(f"{name}@{alias} stays unset: version {candidate} is below the floor on {'; '.join(low)}")
+        return False
     passed, reasons = verdict(results, tolerance)
     moved = passed or force
     print(table(results, champion, str(candidate)))
@@ -154,7 +172,9 @@ def promote(
         if moved:
             client.set_registered_model_alias(name, alias, str(candidate))
     if moved:
-        how = "forced, although: " + "; ".join(reasons) if not passed else "not worse on any set"
+        within = any(r["candidate"]["acc"] < r["champion"]["acc"] for r in results.values())
+        how = ("forced, although: " + "; ".join(reasons) if not passed
+               else f"within the allowed {tolerance} of it on every set" if within else "not worse on any set")
         print(f"{name}@{alias} -> version {candidate} ({how})")
     else:
         print(f"{name}@{alias} stays on version {champion}: the candidate is worse on {'; '.join(reasons)}")

@@ -32,7 +32,7 @@ from typing import Any, Optional
 from mnist_dlops.cli.restore import resolve_ckpt, run_checkpoint
 from mnist_dlops.commands.export import export, sample_images
 from mnist_dlops.data.versions import version_label
-from mnist_dlops.errors import ConfigError, invoked, user_errors
+from mnist_dlops.errors import ConfigError, command, invoked
 from mnist_dlops.module import rebuild
 from mnist_dlops.serve.model import ExportFormat as Format
 from mnist_dlops.serve.monitoring import REFERENCE_FILE
@@ -47,6 +47,7 @@ from mnist_dlops.trackers.mlflow import (
     store_uri,
 )
 from mnist_dlops.trust import check_url, redact
+from mnist_dlops.writeguard import allow_writes
 
 EXPERIMENT = "mnist-dlops"
 # Model version tags that `list` shows, besides the run and the data fingerprint.
@@ -63,6 +64,8 @@ def sweep_best(study: str, runs_dir: str, storage: Optional[str] = None) -> Path
     storage = check_url("sweep_storage", storage or study_storage(runs_dir, study))
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
         raise ConfigError(f"sweep={study}: no study at {storage} (run the sweep first, or pass --sweep_storage)")
+    if storage.startswith("sqlite:///"):  # Optuna opens a study's database to read it, and may update its schema
+        allow_writes(storage.removeprefix("sqlite:///"), "the study's storage")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         best = optuna.load_study(study_name=study, storage=storage).best_trial
@@ -326,13 +329,9 @@ def list_versions(name: Optional[str] = None, runs_dir: str = "lightning_logs",
 
 def main(argv: Optional[list[str]] = None) -> None:
     """``python -m mnist_dlops.registry {register,alias,list,promote}``, with one-line errors."""
-    from jsonargparse import CLI
-
     from mnist_dlops.commands.promote import promote
 
-    with user_errors():
-        CLI({"register": register, "alias": alias, "list": list_versions, "promote": promote}, args=argv,
-            prog=invoked("registry"))
+    command({"register": register, "alias": alias, "list": list_versions, "promote": promote}, argv, "registry")
 
 
 if __name__ == "__main__":

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any, Optional
 import yaml
 
 from mnist_dlops.data.versions import version_label
-from mnist_dlops.errors import CheckpointError, ConfigError, DataError, UserError, invoked, user_errors
+from mnist_dlops.errors import CheckpointError, ConfigError, DataError, UserError, command
 from mnist_dlops.rundir.checkpoints import load_checkpoint
 from mnist_dlops.rundir.folders import recorded_best, training_runs
+from mnist_dlops.writeguard import allow_writes
 
 if TYPE_CHECKING:  # pandas is imported by the table's functions only: the CLI claims run folders without it
     import pandas as pd
@@ -85,12 +86,20 @@ def _read_yaml(path: Path) -> dict:
     return content
 
 
+def _section(config: dict, key: str, path: Path) -> dict:
+    """``config[key]``, a mapping (or empty); anything else is an error naming the file and the key."""
+    value = config.get(key) or {}
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: {key} is {value!r}, not a mapping")
+    return value
+
+
 def run_row(run: Path) -> dict[str, object]:
     """One row of the table: key settings, tags, data fingerprint and git commit (short), best ``val/*``, last
     ``test/*``, best checkpoint and date."""
     config = _read_yaml(run / "config.yaml")
-    model, data, trainer = config.get("model") or {}, config.get("data") or {}, config.get("trainer") or {}
-    optimizer = model.get("optimizer") or {}
+    model, data, trainer = (_section(config, key, run / "config.yaml") for key in ("model", "data", "trainer"))
+    optimizer = _section(model, "optimizer", run / "config.yaml")
     row: dict[str, object] = {
         "run": run.name,
         "date": datetime.fromtimestamp((run / "config.yaml").stat().st_mtime).strftime("%Y-%m-%d %H:%M"),
@@ -233,6 +242,8 @@ def runs(
     for flag, file in (("--csv", csv), ("--plot_file", plot_file if plot else None)):
         if file and not Path(file).resolve().parent.is_dir():
             raise ConfigError(f"{flag} {file}: no folder {Path(file).parent} to write it into")
+        if file:
+            allow_writes(file, flag)
     table = runs_table(Path(runs_dir))
     if table.empty:
         print(f"no training runs under {runs_dir}")
@@ -266,10 +277,7 @@ def runs(
 
 def main(argv: Optional[list[str]] = None) -> None:
     """``python -m mnist_dlops.runs``: the table, with one-line errors for bad options."""
-    from jsonargparse import CLI
-
-    with user_errors():
-        CLI(runs, as_positional=False, args=argv, prog=invoked("runs"))
+    command(runs, argv, "runs", as_positional=False)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from mnist_dlops.commands.runs import short
 from mnist_dlops.errors import ConfigError, UserError, invoked, one_line, user_errors
 from mnist_dlops.rundir.folders import write_atomic
 from mnist_dlops.trust import check_classes, check_url, engine_url, redact, resolve
+from mnist_dlops.writeguard import allow_writes
 
 
 @dataclass
@@ -228,6 +229,7 @@ class Sweep:
         self.study_name, self.objective, self.space = options.study_name, options.objective, options.space
         self.n_trials, self.timeout, self.runs_dir = options.n_trials, options.timeout, options.runs_dir
         self.folder = Path(options.runs_dir) / "sweeps" / options.study_name
+        allow_writes(self.folder, "the study's folder")  # its default storage, results and plots; runs are the CLI's
         self.storage_url = options.storage
         flags = [_flag(key, value) for key, value in options.fixed.items()]
         quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # a line per trial

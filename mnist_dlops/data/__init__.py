@@ -1,6 +1,14 @@
 """The data: the data module a config names (``mnist_dlops.data.MNISTDataModule``), IDX files, images, downloads,
-in-memory batches, the fingerprint and DVC data versions."""
+in-memory batches, the fingerprint and DVC data versions. Loaded when first named (PEP 562): ``data.versions`` alone
+does not import Lightning."""
 
-from mnist_dlops.data.datamodule import DataChangedWarning, MNISTDataModule
+from importlib import import_module
+from typing import Any
 
 __all__ = ["DataChangedWarning", "MNISTDataModule"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return getattr(import_module("mnist_dlops.data.datamodule"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from mnist_dlops.data.idx import IDX_FILES, find_idx
 from mnist_dlops.errors import DataError
+from mnist_dlops.writeguard import allow_writes
 
 # The official files' MD5 sums (the same values as torchvision's and ../shared/data/mnist/MD5SUMS).
 MD5: dict[str, str] = {
@@ -92,6 +93,7 @@ def ensure_mnist(data_dir: Path, mirrors: list[str]) -> None:
             f"{data_dir}: missing {', '.join(missing)} and no download mirrors are configured; copy the files "
             "there or point --data.data_dir at a folder that holds them"
         )
+    allow_writes(data_dir, "data.data_dir (a download)")
     data_dir.mkdir(parents=True, exist_ok=True)
     for name in missing:
         download_file(name, data_dir, mirrors)

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from mnist_dlops.writeguard import allow_writes
+
 CACHE_NAME = ".mnist_dlops_fingerprint.json"
 
 
@@ -52,6 +54,8 @@ def data_fingerprint(root: Path, files: Iterable[Path], cache: bool = True) -> s
     if cache and fresh != known_files and root.stat().st_mode & stat_module.S_IWUSR:
         try:
             tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            for path in (tmp, cache_file):  # this file only: the data folder is otherwise read, never written
+                allow_writes(path, "the data's fingerprint cache")
             tmp.write_text(json.dumps(fresh, indent=0))
             os.replace(tmp, cache_file)
         except OSError:

@@ -35,31 +35,34 @@ def find_idx(data_dir: Path, stem: str) -> Path | None:
     return None
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_idx(path: Path, expected_magic: int) -> np.ndarray:
+    """Read one IDX file (``.gz`` or raw) into a uint8 array shaped as its header says.
+
+    Streamed against its header: a file holding more than the header promises (a small gzip that inflates to
+    gigabytes) fails as soon as the promise is passed, in the header's memory and not the file's."""
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise DataError(f"{path}: too short to be an IDX file ({len(head)} bytes)")
+            (magic,) = struct.unpack(">I", head)
+            if magic != expected_magic:
+                raise DataError(f"{path}: wrong magic number {magic:#010x}, expected {expected_magic:#010x}")
+            dims = f.read(4 * (magic & 0xFF))
+            if len(dims) < 4 * (magic & 0xFF):
+                raise DataError(f"{path}: too short to be an IDX file (its header is cut)")
+            shape = struct.unpack(f">{magic & 0xFF}I", dims)
+            data, got = np.empty(int(np.prod(shape)), dtype=np.uint8), 0
+            while got < data.size and (chunk := f.read(min(1 << 24, data.size - got))):
+                data[got : got + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+                got += len(chunk)
+            if got < data.size:
+                raise DataError(f"{path}: holds {got} data bytes, its header promises {data.size}")
+            if f.read(1):
+                raise DataError(f"{path}: holds more data bytes than the {data.size} its header promises")
     except (OSError, EOFError, gzip.BadGzipFile) as err:
         raise DataError(f"{path}: cannot be read ({err})") from err
-
-
-def read_idx(path: Path, expected_magic: int) -> np.ndarray:
-    """Read one IDX file (``.gz`` or raw) into a uint8 array shaped as its header says."""
-    raw = _read_bytes(path)
-    if len(raw) < 4:
-        raise DataError(f"{path}: too short to be an IDX file ({len(raw)} bytes)")
-    (magic,) = struct.unpack(">I", raw[:4])
-    if magic != expected_magic:
-        raise DataError(f"{path}: wrong magic number {magic:#010x}, expected {expected_magic:#010x}")
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(shape))
-    if len(raw) - header != expected:
-        raise DataError(f"{path}: holds {len(raw) - header} data bytes, its header promises {expected}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+    return data.reshape(shape)
 
 
 def read_idx_split(data_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:

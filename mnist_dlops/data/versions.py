@@ -21,6 +21,7 @@ from typing import Any, Optional
 import yaml
 
 from mnist_dlops.errors import DataError, invoked
+from mnist_dlops.writeguard import allow_writes
 
 # Where read_version keeps the versions it has read, by DVC hash, inside the DVC repository (git-ignored by DVC).
 VERSIONS_DIR = Path(".dvc") / "tmp" / "mnist_dlops-versions"
@@ -62,6 +63,14 @@ def repo_root(path: Path) -> Optional[Path]:
     return None
 
 
+def _dvc_writes(root: Path) -> None:
+    """DVC writes its state, locks and read versions under ``.dvc/`` and its site cache: let it."""
+    from dvc.dirs import site_cache_dir
+
+    allow_writes(root / ".dvc", "DVC's cache")
+    allow_writes(site_cache_dir(), "DVC's cache")
+
+
 def _git(root: Path, *args: str) -> str:
     result = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
     return result.stdout.strip() if result.returncode == 0 else ""
@@ -95,6 +104,7 @@ def workspace_version(data_dir: Path) -> Optional[DataVersion]:
         return None
     from dvc.repo import Repo
 
+    _dvc_writes(root)
     with Repo(str(root)) as repo:
         # DVC's `status`: the folder against its pointer. When the cache lacks the version it says only "not in
         # cache"; `data status` then tells a modified copy from an intact one.
@@ -135,6 +145,9 @@ def read_version(data_dir: Path, rev: str) -> tuple[Path, DataVersion]:
         raise DataError(f"data.version={rev}: {data_dir} is not inside a DVC repository (git init && dvc init, then "
                         f"{invoked('datasets add')} {data_dir})")
     rel = Path(os.path.relpath(data_dir.resolve(), root)).as_posix()
+    if not rev.strip() or rev.startswith("-"):  # git would read "-..." as an option of its own
+        raise DataError(f"data.version={rev!r}: not a git revision (a tag, a branch or a commit)")
+    _dvc_writes(root)
     try:
         fs = DVCFileSystem(str(root), rev=rev)
         info = fs.info(rel)

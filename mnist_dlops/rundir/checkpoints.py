@@ -10,7 +10,6 @@ import io
 import os
 import pickle
 import random
-import string
 import tempfile
 import zipfile
 from pathlib import Path
@@ -24,7 +23,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from mnist_dlops.errors import CheckpointError, ConfigError, DivergedError
+from mnist_dlops.errors import CheckpointError, DivergedError
 from mnist_dlops.trackers.base import tracker_keys
 
 # Top-level key of this project's own entries in a checkpoint; every value under it is plain (weights_only-safe).
@@ -37,7 +36,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder; pass a .ckpt file (e.g. {path}/checkpoints/last.ckpt)")
+        raise CheckpointError(f"{path}: a folder holding no checkpoint (no checkpoints/last.ckpt); pass a run folder "
+                              "or a .ckpt file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (an interrupted copy or save?); use another checkpoint")
     # torch.save writes a zip archive (data.pkl and the tensors): anything else is not a checkpoint at all.
@@ -58,44 +58,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({_first_line(err)})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict in it)")
-    check_recorded_paths(checkpoint, path)
     return checkpoint
-
-
-def check_recorded_paths(checkpoint: dict[str, Any], path: Path) -> None:
-    """Every file a checkpoint callback's state records lies inside that callback's own folder.
-
-    A resumed ``ModelCheckpoint`` deletes the files its state names as it rotates its best and last checkpoints: a
-    crafted state naming ``<dirpath>/../../victim`` would delete a file outside the run."""
-    for key, state in (checkpoint.get("callbacks") or {}).items():
-        if not isinstance(state, dict) or "dirpath" not in state:
-            continue
-        folder = os.path.join(os.path.normpath(str(state["dirpath"])), "")
-        recorded = [state.get(name) for name in ("best_model_path", "last_model_path", "kth_best_model_path")]
-        for file in [*recorded, *(state.get("best_k_models") or {})]:
-            if file and not os.path.normpath(str(file)).startswith(folder):
-                raise CheckpointError(
-                    f"{path}: its {key.split('{')[0]} state names {file}, outside its folder {state['dirpath']}; "
-                    "refusing it (a resume would delete that file)"
-                )
-
-
-def check_filename(key: str, template: Optional[str]) -> None:
-    """A checkpoint file name template names a file, not a folder, whatever its fields format to.
-
-    Only a field's name may hold a '/' (metric names such as ``{val/loss:.4f}``): Lightning replaces the field by the
-    metric's value. Literal text, a format spec (``{epoch:/^3}`` pads with '/') or a conversion may not."""
-    if not template:
-        return
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as err:
-        raise ConfigError(f"{key}={template}: not a valid file name template ({err})") from None
-    outside = "".join(f"{text}{spec or ''}{conversion or ''}" for text, _, spec, conversion in parts)
-    if "/" in outside or "\\" in outside or template.startswith(".") or "\0" in template:
-        raise ConfigError(
-            f"{key}={template}: a file name, without folders (it goes into the run's checkpoints/ folder)"
-        )
 
 
 def _read_umask() -> int:
@@ -114,10 +77,15 @@ def _first_line(err: BaseException) -> str:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file in the same folder, fsyncs it, then renames it into place.
+    """Writes each checkpoint to a temporary file in the same folder, fsyncs it, then renames it into place; reads
+    every checkpoint Lightning loads (a resume, a fault-tolerant callback's file) as plain data, checked.
 
     A kill or a full disk at any moment leaves either the previous file or the complete new one, never a torn file.
     """
+
+    def load_checkpoint(self, path: Any, map_location: Optional[Any] = None,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+        return load_checkpoint(path)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         path = Path(path)
@@ -178,17 +146,6 @@ class RunCheckpoint(ModelCheckpoint):
         # Resolved, as Lightning resolves a dirpath given to __init__: a resumed run must find its own last.ckpt.
         self.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
         super().setup(trainer, pl_module, stage)
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Every checkpoint callback, of whatever class, writes inside the run: its folder and its file names."""
-        run = os.path.join(os.path.realpath(trainer.default_root_dir), "")
-        for callback in trainer.checkpoint_callbacks:
-            name = type(callback).__name__
-            dirpath = getattr(callback, "dirpath", None)
-            if dirpath and not os.path.join(os.path.realpath(dirpath), "").startswith(run):
-                raise ConfigError(f"trainer.callbacks: {name}(dirpath={dirpath}) would write outside the run {run}; "
-                                  "leave dirpath unset (checkpoints go into the run)")
-            check_filename(f"trainer.callbacks: {name}.filename", getattr(callback, "filename", None))
 
     # private, here and below: ModelCheckpoint has no public "save last.ckpt now"; its own _save_last_checkpoint,
     # the checks it makes before it and its record of the last step saved (tests/test_private_members.py).

@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
+
+from mnist_dlops.errors import ConfigError
+from mnist_dlops.writeguard import allow_writes
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -25,15 +27,27 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 @contextmanager
-def replacing(out: Path) -> Iterator[Path]:
-    """A fresh folder to write into, swapped in for ``out`` when the block succeeds (left as it was if not)."""
+def replacing(out: Path, key: str = "out") -> Iterator[Path]:
+    """A fresh folder to write into, swapped in for ``out`` (an output the user named as ``key``) when the block
+    succeeds, left as it was if not. ``out`` may be new, empty, or a data set (IDX files, or ``train/`` and
+    ``test/``) to replace: never a folder of other files. The staging folders beside it have fixed names, so
+    that what a kill left is removed by the next run."""
+    out = Path(out).resolve()
+    if out in (Path.cwd(), *Path.cwd().parents) or (
+        out.is_dir() and any(out.iterdir()) and not _holds_data(out)
+    ):
+        raise ConfigError(f"{key}={out}: a folder of other files; write into a new folder or over a data set")
+    staging, old = out.with_name(f".{out.name}.staging"), out.with_name(f".{out.name}.old")
+    for path, why in ((out, key), (staging, f"{key}'s staging"), (old, f"{key}'s staging")):
+        allow_writes(path, why)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    staging.chmod(0o755)  # mkdtemp's 0700 would make the data version unreadable to others
+    for leftover in (staging, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging.mkdir()
     try:
         yield staging
         if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-old-"))
+            old.mkdir()
             os.replace(out, old / "data")
             os.replace(staging, out)
             shutil.rmtree(old)
@@ -41,6 +55,11 @@ def replacing(out: Path) -> Iterator[Path]:
             os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _holds_data(folder: Path) -> bool:
+    """Whether ``folder`` is a data set: MNIST's IDX files, or a PNG tree's ``train/`` and ``test/``."""
+    return any(folder.glob("*-ubyte*")) or {"train", "test"} <= {p.name for p in folder.iterdir() if p.is_dir()}
 
 
 _VERSION = re.compile(r"version_(\d+)$")

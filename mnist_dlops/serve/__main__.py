@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, Optional
 
-from mnist_dlops.errors import ConfigError, invoked, user_errors
+from mnist_dlops.errors import ConfigError, command
+from mnist_dlops.writeguard import allow_writes
 
 
 @contextmanager
@@ -133,9 +135,10 @@ def metrics_folder() -> Iterator[None]:
 
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if given:
+        allow_writes(given, "PROMETHEUS_MULTIPROC_DIR")
         os.makedirs(given, exist_ok=True)
-        for name in os.listdir(given):
-            if name.endswith(".db"):
+        for name in os.listdir(given):  # prometheus_client's own files (<kind>_<pid>.db), nothing else of the folder
+            if re.fullmatch(r"(counter|histogram|summary|gauge_[a-z]+)_\d+\.db", name):
                 os.unlink(os.path.join(given, name))
         yield
         return
@@ -171,10 +174,7 @@ def check_options(host: str, port: int, workers: int, max_batch_size: int, batch
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Parse the flags of ``serve`` and run it, with one-line errors."""
-    from jsonargparse import CLI
-
-    with user_errors():
-        CLI(serve, as_positional=False, args=argv, prog=invoked("serve"))
+    command(serve, argv, "serve", as_positional=False)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from fastapi import HTTPException, Request  # Request at module level: FastAPI resolves the route's annotations here
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -330,7 +331,12 @@ def build_server(served: ServedModel, workers: int = 1, max_batch_size: int = 16
             return JSONResponse({"detail": f"more than {feedback_per_minute} items a minute from {client}"},
                                 status_code=429)
         # Committed before the answer (an acknowledged item survives a kill), off the event loop: a database write.
-        item = await run_in_threadpool(feedback.add, prediction, label, client)
+        try:
+            item = await run_in_threadpool(feedback.add, prediction, label, client)
+        except SQLAlchemyError as err:  # a full, read-only or unreachable store: this item only, /predict goes on
+            reason = str(getattr(err, "orig", None) or type(err).__name__).splitlines()[0][:160]
+            return JSONResponse({"detail": f"the feedback store cannot take it now ({reason}); nothing was stored"},
+                                status_code=503)
         return JSONResponse({"stored": item, "label": label, "predicted": prediction["p"],
                              "model": {"name": prediction["m"], "version": prediction["v"]}})
 

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import threading
 import time
@@ -25,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from mnist_dlops.errors import ConfigError, UserError
+from mnist_dlops.errors import ConfigError, DataError, UserError
 from mnist_dlops.trust import check_url, engine_url, redact
+from mnist_dlops.writeguard import allow_writes
 
 SECRET_FILE = "feedback.secret"
 SECRET_ENV = "MNIST_DLOPS_FEEDBACK_SECRET"
@@ -40,8 +42,10 @@ def load_secret(folder: Path) -> bytes:
             return bytes.fromhex(os.environ[SECRET_ENV])
         except ValueError:
             raise ConfigError(f"{SECRET_ENV}: not hex (e.g. python -c 'import secrets; print(secrets.token_hex(32))')") from None
-    folder.mkdir(parents=True, exist_ok=True)
     file = folder / SECRET_FILE
+    allow_writes(file, "the feedback secret")
+    allow_writes(file.with_suffix(f".{os.getpid()}.tmp"), "the feedback secret")
+    folder.mkdir(parents=True, exist_ok=True)
     if not file.is_file():
         tmp = file.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(secrets.token_hex(32))
@@ -86,7 +90,10 @@ class FeedbackStore:
 
         url = engine_url(check_url("feedback_url", url))
         if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            db = Path(url.removeprefix("sqlite:///"))
+            for path in (db, db.with_name(db.name + "-journal")):
+                allow_writes(path, "the feedback store")
+            db.parent.mkdir(parents=True, exist_ok=True)
         self.url = url
         self.engine = create_engine(url)
         self.table = Table(
@@ -117,6 +124,9 @@ class FeedbackStore:
     def items(self) -> list[dict[str, Any]]:
         with self.engine.connect() as connection:
             rows = connection.execute(self.table.select().order_by(self.table.c.id)).mappings().all()
+        wrong = next((row["id"] for row in rows if len(row["image"] or b"") != 28 * 28), None)
+        if wrong is not None:  # a store written by something else
+            raise DataError(f"feedback_url={redact(self.url)}: item {wrong} holds no 28x28 image; refusing the store")
         return [{**row, "image": np.frombuffer(row["image"], dtype=np.uint8).reshape(28, 28)} for row in rows]
 
 
@@ -159,6 +169,10 @@ def export(url: str, out: str, holdout: float = 0.2, min_items: int = 0) -> dict
     if len(latest) < min_items:
         raise UserError(f"feedback_url={redact(url)}: {len(latest)} distinct items, fewer than {min_items}")
     counts = {"train": 0, "test": 0, "items": len(items), "distinct": len(latest)}
+    # The store is read from anywhere: a label names a class folder, so it must be a digit's name and nothing more.
+    wrong = next((item["label"] for item in latest.values() if not re.fullmatch(r"\d", str(item["label"]))), None)
+    if wrong is not None:
+        raise DataError(f"feedback_url={redact(url)}: an item's label {wrong!r} is not a digit 0-9")
     with replacing(Path(out)) as folder:
         for split in ("train", "test"):  # class folders only for classes with images: an empty one is an error
             (folder / split).mkdir()

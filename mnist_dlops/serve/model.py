@@ -169,8 +169,15 @@ def from_registry(uri: str, runs_dir: str = "lightning_logs", tracking_uri: Opti
     if descriptor is None:
         raise CheckpointError(f"model={uri}: not an MLflow model (no MLmodel file in its artifacts)")
     folder = descriptor.parent
-    mlmodel = yaml.safe_load(descriptor.read_text()) or {}
-    flavors, metadata = mlmodel.get("flavors") or {}, mlmodel.get("metadata") or {}
+    try:
+        mlmodel = yaml.safe_load(descriptor.read_text()) or {}
+    except yaml.YAMLError as err:  # a !!python/object tag among them: safe_load builds plain values only
+        raise CheckpointError(f"model={uri}: its MLmodel is not plain YAML ({str(err).splitlines()[0]})") from None
+    flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
+    metadata = (mlmodel.get("metadata") if isinstance(mlmodel, dict) else None) or {}
+    if not isinstance(flavors, dict) or not all(isinstance(f, dict) for f in flavors.values()) or not isinstance(
+            metadata, dict):
+        raise CheckpointError(f"model={uri}: its MLmodel's flavors or metadata are malformed (not MLflow's own)")
     if "onnx" in flavors:
         file, fmt = folder / flavors["onnx"]["data"], "onnx"
     elif "pytorch" in flavors:

@@ -24,6 +24,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from mnist_dlops.errors import ConfigError, UserError
 from mnist_dlops.trackers.base import Tracker, flatten
 from mnist_dlops.trust import TRACKING_SCHEMES, check_url, redact
+from mnist_dlops.writeguard import allow_writes
 
 RUN_ID_FILE = ".mlflow_run_id"
 # MLflow's limits on a param (mlflow.utils.validation): longer keys are refused, longer values too.
@@ -61,7 +62,18 @@ def store_client(uri: str) -> Any:
     ``MLFLOW_TRACKING_URI`` in the process environment, and every later run in the process would log into it."""
     import mlflow
 
+    allow_store_writes(uri)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def allow_store_writes(uri: str) -> None:
+    """A command opens its MLflow store by design: a local one's database, lock and artifacts may be written."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        for path in (db, db.with_name(db.name + ".lock"), db.with_name(db.name + "-journal"), db.parent / "mlflow-artifacts"):
+            allow_writes(path, "the MLflow store")
+    elif "://" not in uri or uri.startswith("file:"):
+        allow_writes(uri.removeprefix("file://"), "the MLflow store")
 
 
 def artifact_root(runs_dir: Path, uri: str) -> Optional[str]:

@@ -19,6 +19,7 @@ from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.loggers.logger import Logger, rank_zero_experiment
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from mnist_dlops.quiet import show
 from mnist_dlops.trackers.base import Tracker, flatten
 
 
@@ -104,6 +105,8 @@ class NeptuneLogger(Logger, Tracker):
         """The ``neptune.Run``."""
         if self._run is None:
             import neptune
+
+            show()  # Neptune sets its logger's level when imported: back to the command's
 
             with _data_directory(Path(self._save_dir, ".neptune")):
                 self._run = neptune.init_run(

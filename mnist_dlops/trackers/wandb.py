@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import logging
 import netrc
 import os
 import urllib.error
@@ -121,6 +122,10 @@ class WandbLogger(LightningWandbLogger, Tracker):
                     os.environ[name] = str(Path(self._save_dir, "wandb", folder).resolve())
                     self._environ_set.append(name)
             self._wandb_init["mode"] = self._resolve_mode()
+            # W&B prints its own banner and a 30-line summary: shown only at --log_level info (mnist_dlops.quiet).
+            self._wandb_init["settings"] = {**self._wandb_init.get("settings", {}),
+                                            "silent": not logging.getLogger("wandb").isEnabledFor(logging.INFO)}
+            self._wandb_init.pop("anonymous", None)  # Lightning still passes it; W&B warns that it does nothing
             self._wandb_init["id"] = self._wandb_init.get("id") or previous_run_id(self._save_dir)
             if self._wandb_init["mode"] == "online":
                 try:
