@@ -29,6 +29,7 @@ from mnist_dlops.data.images import read_png_folder
 from mnist_dlops.data.versions import repo_root, workspace_version
 from mnist_dlops.errors import ConfigError, DataError, UserError, command, invoked
 from mnist_dlops.rundir.folders import replacing
+from mnist_dlops.writeguard import allow_writes
 
 
 class DvcError(UserError):
@@ -207,6 +208,7 @@ def verify(path: str, record: Optional[str] = None) -> None:
     if version is None:
         raise DataError(f"path={path}: not tracked by DVC ({invoked('datasets add')} {path})")
     if record:
+        allow_writes(record, "record")
         Path(record).parent.mkdir(parents=True, exist_ok=True)
         Path(record).write_text(yaml.safe_dump(version.as_dict(), sort_keys=False))
     print(f"{path}: {version}")
