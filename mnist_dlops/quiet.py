@@ -27,7 +27,9 @@ LOGGERS = {"torch.onnx._internal.exporter._registration": logging.ERROR,
            # MLflow's note that it creates (or migrates) an empty store's tables: its bookkeeping, on first use; and
            # a database error (locked, full, read-only), which it logs with a 90-line traceback and then raises: the
            # raised error is what the user reads, as one line naming the cause.
-           "mlflow.store.db.utils": logging.CRITICAL}
+           "mlflow.store.db.utils": logging.CRITICAL,
+           # Lightning's MLflow logger warns that the experiment it is about to create does not exist yet.
+           "pytorch_lightning.loggers.mlflow": logging.ERROR}
 
 
 # The libraries' own news (Lightning's seed, devices and summary lines; Neptune's and W&B's banners): shown at

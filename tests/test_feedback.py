@@ -105,8 +105,14 @@ def test_feedback_over_http_refuses_bad_items_and_survives_sigkill(tmp_path: Pat
         assert len(rows) == 1 and rows[0][0] == "1"
         assert (np.frombuffer(rows[0][2], dtype=np.uint8).reshape(28, 28) == digit).all()
         server, url = start_server(tmp_path, "--ckpt_path", "best", "--workers", "1", "--feedback_per_minute", "5")
-        statuses = [post(f"{url}/feedback", {"prediction_id": token, "label": "1"})[0] for _ in range(7)]
-        assert statuses == [200] * 5 + [429] * 2  # the id stays valid after a restart; a flood is refused
+        with sqlite3.connect(tmp_path / "lightning_logs/feedback.db", timeout=0) as other:  # a store that cannot
+            other.execute("BEGIN EXCLUSIVE")                                                 # take the item now
+            status, answer = post(f"{url}/feedback", {"prediction_id": token, "label": "1"})
+            assert status == 503 and "nothing was stored" in answer["detail"], (status, answer)
+            assert post(f"{url}/predict", {"images": [digit.tolist()]})[0] == 200  # predictions go on
+            other.rollback()
+        statuses = [post(f"{url}/feedback", {"prediction_id": token, "label": "1"})[0] for _ in range(6)]
+        assert statuses == [200] * 4 + [429] * 2  # the id stays valid after a restart; a flood is refused
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
@@ -124,7 +130,8 @@ def thick(images: np.ndarray) -> np.ndarray:
 
 @pytest.mark.slow  # three trainings on real MNIST, a registry and a server under load: in `pytest -m slow` and CI
 def test_the_loop_feedback_retrain_gate_and_hot_switch(tmp_path: Path, mnist_dir: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture) -> None:
     from test_serve import start_server, stop_group
 
     from mnist_dlops.cli.app import cli_main
@@ -197,6 +204,16 @@ def test_the_loop_feedback_retrain_gate_and_hot_switch(tmp_path: Path, mnist_dir
         refused = client.get_model_version("digits", "3").tags
         passed = client.get_model_version("digits", "2").tags
         assert refused["gate.passed"] == "False" and passed["gate.passed"] == "True"
+        # A first holder of an alias is judged against a floor; a small loss within the tolerance says so.
+        assert promote("digits", 3, alias="canary", mnist_dir=str(mnist_dir), floor=0.99) is False
+        assert "stays unset" in capsys.readouterr().out
+        assert promote("digits", 2, alias="canary", mnist_dir=str(mnist_dir), floor=0.5) is True
+        assert promote("digits", 3, alias="canary", mnist_dir=str(mnist_dir), tolerance=1.0) is True
+        assert "within the allowed 1.0" in capsys.readouterr().out
+        from mnist_dlops.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="feedback_dir=nowhere: no such folder"):
+            promote("digits", 2, mnist_dir=str(mnist_dir), feedback_dir="nowhere")
         assert float(passed["gate.feedback_test.acc"]) > float(passed["gate.feedback_test.champion_acc"])
     finally:
         running.clear()

@@ -25,11 +25,16 @@ NEWS = re.compile(
 TROUBLE = re.compile(r"(?i)warning|traceback|error|deprecat|exception")
 
 
+def block(marker: str, after: str = "") -> list[str]:
+    """The commands of the README's first bash block after ``marker`` (and ``after``), comments dropped."""
+    text = (REPO / "README.md").read_text().split(marker, 1)[1].split(after, 1)[-1]
+    body = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("  #")[0].strip() for line in body.splitlines() if line.strip()]
+
+
 def walkthrough() -> list[str]:
-    """The commands of the README's walkthrough block, comments dropped."""
-    text = (REPO / "README.md").read_text()
-    block = text.split("<!-- walkthrough -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
-    return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+    """The commands of the README's walkthrough block."""
+    return block("<!-- walkthrough -->")
 
 
 def digit_png(mnist_dir: Path, path: Path) -> None:
@@ -88,3 +93,51 @@ def test_the_readmes_commands_in_order(tmp_path: Path, mnist_dir: Path) -> None:
         if server is not None:
             os.killpg(server.pid, 15)
             server.wait(timeout=60)
+
+
+@pytest.mark.slow  # git, DVC, three trainings and the pipeline twice: in `pytest -m slow` and CI
+def test_the_readmes_data_versions_and_closing_loop_on_a_fresh_clone(tmp_path: Path, mnist_dir: Path) -> None:
+    """The README's data-versions and closing-the-loop blocks, word for word, on a fresh clone with MNIST placed as
+    the quick start says (copied into data/mnist) and users' corrections in the server's feedback store."""
+    import shutil
+
+    import numpy as np
+
+    from mnist_dlops.data.download import MD5
+    from mnist_dlops.data.idx import IDX_FILES, find_idx, read_idx
+    from mnist_dlops.serve.feedback import FeedbackStore
+
+    clone = tmp_path / "work" / "mnist-dlops"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    (clone / "data" / "mnist").mkdir(parents=True, exist_ok=True)
+    for name in MD5:
+        shutil.copy(mnist_dir / name, clone / "data" / "mnist")
+    who = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@localhost"}
+    env = {**os.environ, **who, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+
+    def run(command: str) -> str:
+        done = subprocess.run(["bash", "-c", command], cwd=clone, env=env, capture_output=True, text=True,
+                              timeout=1200)
+        assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-3000:])
+        return done.stdout
+
+    versions = block("## Data versions and the pipeline")
+    assert versions[0].startswith("python -m mnist_dlops.datasets add data/mnist --tag v1")
+    outputs = [run(command) for command in versions]
+    assert "version v1" in outputs[0] and "version v2" in outputs[1] and "on branch" in outputs[1]
+    assert "|" in outputs[-1]  # dvc exp show --md: a table
+    assert "pipeline: dvc.lock" in run("git log --format=%s")  # the README's commit of the pipeline's record
+    # Users' corrections, as the server stores them (POST /feedback), before the closing loop exports them.
+    images = read_idx(find_idx(mnist_dir, IDX_FILES["test"][0]), 0x00000803)[:40]
+    labels = read_idx(find_idx(mnist_dir, IDX_FILES["test"][1]), 0x00000801)[:40]
+    store = FeedbackStore(f"sqlite:///{clone / 'lightning_logs' / 'feedback.db'}")
+    for image, label in zip(images, labels):
+        store.add({"image": np.ascontiguousarray(image), "h": "", "p": str(int(label)), "m": "mnist-digits", "v": "1"},
+                  str(int(label)), "127.0.0.1")
+    store.engine.dispose()
+    loop = [run(command) for command in block("## Closing the loop")]
+    assert "40 feedback items" in loop[0] and "version feedback-v1" in loop[0]
+    assert "candidate: version" in loop[1] and "mnist-digits@production" in loop[1]
