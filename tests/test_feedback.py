@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sqlite3
+import tempfile
 import threading
 import time
 import urllib.error
@@ -146,6 +147,8 @@ def test_the_loop_feedback_retrain_gate_and_hot_switch(tmp_path: Path, mnist_dir
              "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]", "--trainer.logger", "false"]
     cli_main(["fit", "--data.data_dir", str(mnist_dir), *short])
     register(ckpt_path="lightning_logs/version_0", name="digits", alias="production")
+    downloads = Path(tempfile.gettempdir())
+    before = set(downloads.glob("mnist-dlops-serve-*"))
     server, url = start_server(tmp_path, "--model", "models:/digits@production", "--workers", "2",
                                "--reload_interval", "1", "--feedback_per_minute", "1000")
     failures, versions, running = [], set(), threading.Event()
@@ -218,6 +221,7 @@ def test_the_loop_feedback_retrain_gate_and_hot_switch(tmp_path: Path, mnist_dir
     finally:
         running.clear()
         stop_group(server)
+    assert set(downloads.glob("mnist-dlops-serve-*")) == before  # the server's downloads went with it
 
 
 @pytest.mark.slow  # a PostgreSQL server and a model server: in `pytest -m slow` and CI (skipped without pg_ctl)

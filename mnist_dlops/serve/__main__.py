@@ -100,7 +100,7 @@ def serve(
         key, value = ("feedback_per_minute", feedback_per_minute) if feedback_per_minute < 1 else (
             "reload_interval", reload_interval)
         raise ConfigError(f"{key}={value}: must be {'>= 1' if key == 'feedback_per_minute' else '>= 0'}")
-    with metrics_folder() if monitor else contextlib.nullcontext():
+    with metrics_folder() if monitor else contextlib.nullcontext(), downloads_folder():
         from mnist_dlops.serve.api import build_server  # after the metrics folder is set: prometheus_client reads it
         from mnist_dlops.serve.model import check, resolve
 
@@ -148,6 +148,23 @@ def metrics_folder() -> Iterator[None]:
         yield
     finally:
         del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def downloads_folder() -> Iterator[None]:
+    """A temporary folder for the registered versions this server and its workers download, removed on exit."""
+    import shutil
+    import tempfile
+
+    from mnist_dlops.serve.model import DOWNLOADS_ENV
+
+    folder = tempfile.mkdtemp(prefix="mnist-dlops-serve-")
+    os.environ[DOWNLOADS_ENV] = folder  # the workers LitServe starts inherit it
+    try:
+        yield
+    finally:
+        del os.environ[DOWNLOADS_ENV]
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mnist_dlops.data.images import ImageTooLarge, decode_image
 from mnist_dlops.errors import DataError
 from mnist_dlops.serve.feedback import FeedbackStore, RateLimit, sign, verify
-from mnist_dlops.serve.model import ServedModel, promoted
+from mnist_dlops.serve.model import ServedModel, discard, promoted
 from mnist_dlops.serve.monitoring import Metrics, RequestMetrics, exposition
 
 MAX_IMAGES = 256  # images in one JSON batch
@@ -87,7 +87,8 @@ class DigitAPI(ls.LitAPI):
                   f"{self.served.name} version {self.served.version}", flush=True)
             return
         if now is not None and now.version != self.served.version:
-            self.forward, self.served = now.load(), now
+            before, (self.forward, self.served) = self.served, (now.load(), now)
+            discard(before)
             if self.metrics is not None:
                 self.metrics.switched(model_labels(now), now.reference)
             print(f"model switch: now serving {now.name} version {now.version}", flush=True)
@@ -299,7 +300,10 @@ def build_server(served: ServedModel, workers: int = 1, max_batch_size: int = 16
         if reload_interval and time.monotonic() - current["checked"] >= reload_interval:
             current["checked"] = time.monotonic()
             try:
-                current["served"] = promoted(current["served"]) or current["served"]
+                before = current["served"]
+                current["served"] = promoted(before) or before
+                if current["served"] is not before:
+                    discard(before)
             except Exception:  # noqa: BLE001, S110 - the registry unreachable for a moment: the last answer stands
                 pass
         return JSONResponse({**metadata, **current["served"].metadata()} if reload_interval else metadata)

@@ -10,6 +10,7 @@ cloudpickled Python) or a "pytorch" model saved by pickle is refused before a by
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ from mnist_dlops.serve.monitoring import Reference
 ExportFormat = Literal["torchscript", "onnx"]  # the export formats, as export, the registry and the server name them
 Format = Literal["checkpoint", ExportFormat]  # what is served: a checkpoint, or an export
 Forward = Callable[[Tensor], Tensor]  # uint8 [N, 1, 28, 28] -> float32 probabilities [N, num_classes]
+
+
+# The folder a server downloads registered versions into, for every process it starts (removed when it stops).
+DOWNLOADS_ENV = "MNIST_DLOPS_SERVE_DOWNLOADS"
 
 
 @dataclass
@@ -149,7 +154,8 @@ def from_registry(uri: str, runs_dir: str = "lightning_logs", tracking_uri: Opti
             version = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, number)
         except MlflowException:
             raise ConfigError(f"model={uri}: no such registered model version in {location}") from None
-        target = Path(cache_dir or tempfile.mkdtemp(prefix="mnist-dlops-serve-"))
+        # Into the server's own folder (removed when it stops); this process removes it again at a switch.
+        target = Path(cache_dir or tempfile.mkdtemp(prefix="model-", dir=os.environ.get(DOWNLOADS_ENV)))
         # Downloaded from where the version's files are, by the registry's own answer: MLflow's models:/ download
         # would look the name up in the process-wide registry, not this one.
         source = client.get_model_version_download_uri(name, version.version)
@@ -191,8 +197,15 @@ def from_registry(uri: str, runs_dir: str = "lightning_logs", tracking_uri: Opti
     class_names = [str(c) for c in metadata.get("class_names") or []]
     if not class_names:
         raise CheckpointError(f"model={uri}: records no class_names (register it with {invoked('registry')})")
+    download = {} if cache_dir else {"download": str(target), "downloaded_by": os.getpid()}
     return ServedModel(file, fmt, class_names, name, str(version.version), metadata.get("data_fingerprint"), uri,
-                       extra={"registry": location}, reference=Reference.load(folder))
+                       extra={"registry": location, **download}, reference=Reference.load(folder))
+
+
+def discard(served: ServedModel) -> None:
+    """Remove the files this process downloaded for ``served``, once another version has replaced it."""
+    if served.extra.get("downloaded_by") == os.getpid():
+        shutil.rmtree(served.extra["download"], ignore_errors=True)
 
 
 def promoted(served: ServedModel) -> Optional[ServedModel]:
