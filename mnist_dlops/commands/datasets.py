@@ -25,7 +25,6 @@ import numpy as np
 import yaml
 
 from mnist_dlops.data.idx import IDX_FILES, find_idx, read_idx_set, write_idx, write_idx_set
-from mnist_dlops.data.images import read_png_folder
 from mnist_dlops.data.versions import repo_root, workspace_version
 from mnist_dlops.errors import ConfigError, DataError, UserError, command, invoked
 from mnist_dlops.rundir.folders import replacing
@@ -73,6 +72,8 @@ def merge(src: str, extra: str, out: Optional[str] = None) -> None:
         write_idx_set(Path(out or src), splits)
         print(f"no digits in {extra}: {out or src} holds {src} as it is")
         return
+    from mnist_dlops.data.images import read_png_folder  # torch: only for PNGs
+
     pictures, files = read_png_folder(Path(extra))
     labels = [file.parent.name for file in files]
     wrong = sorted({name for name in labels if name not in {str(d) for d in range(10)}})

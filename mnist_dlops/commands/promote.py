@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import numpy as np
-import torch
 
-from mnist_dlops.data.idx import read_idx_split
-from mnist_dlops.data.images import read_png_split
 from mnist_dlops.errors import ConfigError, invoked
 
 
 def eval_sets(mnist_dir: str, feedback_dir: Optional[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The fixed sets both versions are judged on: MNIST test, and the held-out feedback when there is one."""
+    from mnist_dlops.data.idx import read_idx_split
+    from mnist_dlops.data.images import read_png_split
+
     images, labels = read_idx_split(Path(mnist_dir), "test")
     sets = {"mnist_test": (images.numpy(), labels.numpy())}
     if feedback_dir and any((Path(feedback_dir) / "test").rglob("*.png")):  # none held out yet: MNIST alone
@@ -38,6 +38,8 @@ def eval_sets(mnist_dir: str, feedback_dir: Optional[str]) -> dict[str, tuple[np
 
 def evaluate(forward: Any, images: np.ndarray, labels: np.ndarray, classes: int) -> dict[str, Any]:
     """Accuracy, accuracy per class and the expected calibration error (10 bins) of ``forward`` on one set."""
+    import torch
+
     probs = []
     with torch.inference_mode():
         for start in range(0, len(images), 1000):
@@ -106,7 +108,7 @@ def promote(
     from mlflow.exceptions import MlflowException
 
     from mnist_dlops.serve.model import check, from_registry
-    from mnist_dlops.trackers.mlflow import check_name, open_client, store
+    from mnist_dlops.trackers.mlflow_store import check_name, open_client, store
 
     if tolerance < 0 or not 0 <= floor <= 1:
         raise ConfigError(f"tolerance={tolerance}: must be >= 0" if tolerance < 0 else f"floor={floor}: must be in [0, 1]")

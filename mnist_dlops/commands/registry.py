@@ -29,14 +29,11 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any, Optional
 
-from mnist_dlops.cli.restore import resolve_ckpt, run_checkpoint
-from mnist_dlops.commands.export import export, sample_images
 from mnist_dlops.data.versions import version_label
 from mnist_dlops.errors import ConfigError, command, invoked
-from mnist_dlops.module import rebuild
 from mnist_dlops.serve.model import ExportFormat as Format
 from mnist_dlops.serve.monitoring import REFERENCE_FILE
-from mnist_dlops.trackers.mlflow import (
+from mnist_dlops.trackers.mlflow_store import (
     RUN_ID_FILE,
     artifact_root,
     check_name,
@@ -120,6 +117,8 @@ def _log_model(client: Any, file: Path, fmt: Format, class_names: list[str], met
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
+    from mnist_dlops.commands.export import sample_images
+
     # Unnamed tensors: MLflow then hands the model the array itself (a named one arrives as a dict, which its
     # PyTorch flavor refuses), and callers pass a plain uint8 array.
     signature = ModelSignature(
@@ -191,6 +190,10 @@ def register(
         runs_dir: Folder of the runs.
         tracking_uri: The MLflow store; default ``MLFLOW_TRACKING_URI``, else ``sqlite:///<runs_dir>/mlflow.db``.
     """
+    from mnist_dlops.cli.restore import resolve_ckpt, run_checkpoint  # the heavy part: only when registering
+    from mnist_dlops.commands.export import export
+    from mnist_dlops.module import rebuild
+
     if sweep:
         run = sweep_best(sweep, runs_dir, sweep_storage)
         print(f"sweep {sweep}: the best trial's run is {run}")

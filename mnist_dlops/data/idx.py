@@ -9,9 +9,12 @@ from __future__ import annotations
 import gzip
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # the tensors are for training: `datasets` reads and writes IDX files without torch
+    import torch
 
 from mnist_dlops.errors import DataError
 from mnist_dlops.rundir.folders import replacing
@@ -83,6 +86,8 @@ def read_idx_split(data_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tens
         raise DataError(f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path.name}")
     if labels.size and labels.max() > 9:
         raise DataError(f"{labels_path}: label {int(labels.max())} is out of range 0-9")
+    import torch
+
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 

@@ -15,18 +15,20 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
 
-import torch
+if TYPE_CHECKING:  # torch loads with the model, not with the commands that only name a format (registry --help)
+    import torch
+    from torch import Tensor
+
 import yaml
-from torch import Tensor
 
 from mnist_dlops.errors import CheckpointError, ConfigError, invoked
 from mnist_dlops.serve.monitoring import Reference
 
 ExportFormat = Literal["torchscript", "onnx"]  # the export formats, as export, the registry and the server name them
 Format = Literal["checkpoint", ExportFormat]  # what is served: a checkpoint, or an export
-Forward = Callable[[Tensor], Tensor]  # uint8 [N, 1, 28, 28] -> float32 probabilities [N, num_classes]
+Forward = Callable[["Tensor"], "Tensor"]  # uint8 [N, 1, 28, 28] -> float32 probabilities [N, num_classes]
 
 
 # The folder a server downloads registered versions into, for every process it starts (removed when it stops).
@@ -63,6 +65,8 @@ class ServedModel:
 
     def load(self) -> Forward:
         """The model's forward function (in a worker process): probabilities for uint8 images."""
+        import torch
+
         if self.format == "checkpoint":
             from mnist_dlops.module import Probabilities, rebuild
 
@@ -84,6 +88,8 @@ class ServedModel:
 
 
 def _no_grad(module: torch.nn.Module) -> Forward:
+    import torch
+
     def forward(images: Tensor) -> Tensor:
         with torch.inference_mode():
             return module(images)
@@ -139,7 +145,7 @@ def from_registry(uri: str, runs_dir: str = "lightning_logs", tracking_uri: Opti
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from mnist_dlops.trackers.mlflow import store, store_client, store_uri
+    from mnist_dlops.trackers.mlflow_store import store, store_client, store_uri
 
     reference = uri.removeprefix("models:/")
     name, at, alias = reference.partition("@")
@@ -211,7 +217,7 @@ def discard(served: ServedModel) -> None:
 def promoted(served: ServedModel) -> Optional[ServedModel]:
     """For a model served by alias (``models:/<name>@<alias>``): the version the alias names now, when it has moved
     since ``served`` was loaded; None when it has not, or the model was not served by alias."""
-    from mnist_dlops.trackers.mlflow import store_client
+    from mnist_dlops.trackers.mlflow_store import store_client
 
     if not served.source.startswith("models:/") or "@" not in served.source or "registry" not in served.extra:
         return None
@@ -238,6 +244,8 @@ def resolve(model: Optional[str], ckpt_path: Optional[str], runs_dir: str = "lig
 
 def check(served: ServedModel) -> None:
     """Load once and run one blank image: a model that does not map MNIST images to its classes fails here."""
+    import torch
+
     try:
         probs = served.load()(torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
     except Exception as err:  # noqa: BLE001 - TorchScript's and ONNX Runtime's parsers raise types of their own
