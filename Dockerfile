@@ -11,4 +11,4 @@ ENV MODEL=models:/mnist-digits@production
 EXPOSE 8000
 RUN useradd --create-home server
 USER server
-CMD ["sh", "-c", "exec python -m mnist_dlops.serve --model \"$MODEL\" --host 0.0.0.0 --port 8000"]
+CMD ["sh", "-c", "exec mnist-dlops serve --model \"$MODEL\" --host 0.0.0.0 --port 8000"]

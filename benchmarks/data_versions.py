@@ -60,7 +60,7 @@ def main() -> None:
             shutil.copy(file, root / "data/mnist")
         subprocess.run(["git", "add", ".dvc", ".dvcignore"], cwd=root, check=True)
         subprocess.run(["git", "commit", "-qm", "DVC"], cwd=root, check=True)
-        module = [sys.executable, "-m", "mnist_dlops.datasets"]
+        module = [sys.executable, "-m", "mnist_dlops", "datasets"]
         add_v1 = timed([*module, "add", "data/mnist", "--tag", "v1"], root)
         timed([*module, "relabel", "data/mnist", "--n", "500"], root)
         add_v2 = timed([*module, "add", "data/mnist", "--tag", "v2"], root)

@@ -3,7 +3,7 @@
     python benchmarks/sweep.py --data_dir ../shared/data/mnist
 
 Runs the same 8 short trials (the quick sweep's recipe, a few lrs) twice, interleaved: in-process through
-``mnist_dlops.cli.run`` (as ``python -m mnist_dlops.sweep`` runs them), and as separate ``python cli.py fit``
+``mnist_dlops.cli.run`` (as ``mnist-dlops sweep`` runs them), and as separate ``python cli.py fit``
 processes. A trial's overhead is its wall time minus the training stage's own wall time (``wall_time_s`` in the
 run's ``provenance.yaml``: from the stage's setup to its end), so start-up, imports, parsing, data loading and
 teardown are what is counted. The last line reads ``overhead_in_process_s=<x> overhead_subprocess_s=<y> ratio=<y/x>``.

@@ -1,5 +1,5 @@
-"""``mnist-dlops <command>``: every command behind one entry point, as litgpt's; ``python cli.py fit`` and
-``python -m mnist_dlops.<command>`` still work.
+"""``mnist-dlops <command>``: every command behind one entry point, as litgpt's (``python cli.py fit`` is
+LightningCLI's own entry to the same training subcommands).
 
     mnist-dlops fit -c configs/cnn.yaml          # fit, validate, test, predict: LightningCLI (cli/app.py)
     mnist-dlops sweep -c configs/sweeps/quick.yaml
@@ -18,7 +18,6 @@ if __name__ == "__main__" and sys.path and os.path.realpath(sys.path[0] or os.cu
     del sys.path[0]
 
 from importlib import import_module  # noqa: E402 - after the working directory left sys.path
-from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
 
 from mnist_dlops import errors  # noqa: E402
@@ -30,7 +29,7 @@ COMMANDS = {
     "export": ("mnist_dlops.commands.export", "a checkpoint as TorchScript or ONNX"),
     "registry": ("mnist_dlops.commands.registry", "register, alias, list and promote models in MLflow"),
     "datasets": ("mnist_dlops.commands.datasets", "data versions on DVC"),
-    "serve": ("mnist_dlops.serve.__main__", "the model server and its page"),
+    "serve": ("mnist_dlops.serve.command", "the model server and its page"),
 }
 
 
@@ -48,9 +47,8 @@ def usage(prog: str) -> str:
 def main(argv: Optional[list[str]] = None) -> None:
     """Run the command named first in ``argv``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    errors.INVOKED_AS = "mnist-dlops" if Path(sys.argv[0]).name == "mnist-dlops" else "python -m mnist_dlops"
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage(errors.INVOKED_AS))
+        print(usage("mnist-dlops"))
         sys.exit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
     if command in errors.TRAINING or command.startswith("-"):  # LightningCLI reads its own subcommands and options

@@ -126,19 +126,13 @@ def fail(message: str, status: int) -> None:
     sys.exit(status)
 
 
-# How this process was started, for the commands a hint names: the dispatcher sets "mnist-dlops" (the installed
-# script) or "python -m mnist_dlops"; None means the classic entry points, ``python cli.py`` and ``python -m``.
-INVOKED_AS: str | None = None
 TRAINING = ("fit", "validate", "test", "predict")
 
 
 def invoked(command: str) -> str:
-    """``command`` (``fit``, ``datasets add``...) spelled as the user would run it from here: ``mnist-dlops fit``,
-    ``python cli.py fit`` or ``python -m mnist_dlops.datasets add``."""
-    if INVOKED_AS:
-        return f"{INVOKED_AS} {command}"
-    top, _, rest = command.partition(" ")
-    return f"python cli.py {command}" if top in TRAINING else f"python -m mnist_dlops.{top}{' ' if rest else ''}{rest}"
+    """``command`` (``test``, ``datasets add``...) as a hint names it: ``python cli.py test`` for LightningCLI's
+    subcommands, ``mnist-dlops datasets add`` for every other (the project's two spellings)."""
+    return f"{'python cli.py' if command.split(' ')[0] in TRAINING else 'mnist-dlops'} {command}"
 
 
 def one_line(message: str, limit: int = 400) -> str:

@@ -20,6 +20,8 @@ WARNINGS = [
     # A run evaluated from another path (a pipeline stage's copy, a moved folder): our checkpoint callback always
     # writes to the run's own checkpoints/, so Lightning's note that the recorded folder differs is not news.
     (r"The dirpath has changed from", UserWarning),
+    # A resumed run's checkpoints/ holds its earlier checkpoints by design (a new run's folder is always new).
+    (r"Checkpoint directory .* exists and is not empty", UserWarning),
 ]
 # Loggers, and the level below which they are not printed. torch's ONNX exporter lists torchvision's operators it
 # skips because torchvision is not installed (we export no torchvision operator).

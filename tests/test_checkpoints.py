@@ -104,7 +104,7 @@ def test_export_matches_the_checkpoint(binary_run: Path, mnist_dir: Path) -> Non
 
     from mnist_dlops.module import MNISTModule
 
-    result = run_module("mnist_dlops.export", "--ckpt_path", "best", cwd=binary_run)
+    result = run_module("mnist_dlops", "export", "--ckpt_path", "best", cwd=binary_run)
     assert result.returncode == 0, result.stderr[-3000:]
     export_dir = binary_run / "lightning_logs/version_0/export"
     assert (export_dir / "classes.txt").read_text().split("\n")[:2] == ["no 3", "3"]

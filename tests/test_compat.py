@@ -1,5 +1,5 @@
-"""What the redesign must not break: a checkpoint written before it, the old ``python -m`` paths, the class paths in
-configs/, and the one dispatcher beside them, with hints that name the command as it was invoked."""
+"""What the redesigns must not break: a checkpoint written before them, the class paths in configs/, and the one
+dispatcher, with hints in the project's two spellings (``python cli.py fit``, ``mnist-dlops <command>``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, cli_in_process, run_module
+from conftest import REPO, cli_in_process
 
 from mnist_dlops.module import MNISTModule
 
@@ -33,14 +33,6 @@ def test_a_checkpoint_from_before_the_redesign_evaluates_loads_and_serves(tmp_pa
     served = resolve(None, str(OLD_CHECKPOINT))
     probabilities = served.load()(torch.zeros(3, 1, 28, 28, dtype=torch.uint8))
     assert probabilities.shape == (3, 10) and torch.allclose(probabilities.sum(1), torch.ones(3))
-
-
-@pytest.mark.parametrize("module", ["export", *[pytest.param(m, marks=pytest.mark.slow)
-                                               for m in ("runs", "sweep", "registry", "datasets", "serve")]])
-def test_the_old_module_paths_still_run(module: str, tmp_path: Path) -> None:
-    result = run_module(f"mnist_dlops.{module}", "--help", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "usage:" in result.stdout
 
 
 def test_every_class_path_in_configs_imports() -> None:
@@ -68,13 +60,16 @@ def dispatchers() -> list[list[str]]:
     return ([[str(script)]] if script.is_file() else []) + [[sys.executable, "-m", "mnist_dlops"]]
 
 
-def test_the_dispatchers_hints_name_the_command_as_invoked(tmp_path: Path) -> None:
+def test_the_hints_name_the_projects_two_spellings(tmp_path: Path) -> None:
+    """LightningCLI's subcommands as ``python cli.py <subcommand>``, every other as ``mnist-dlops <command>``."""
     for command in dispatchers():
-        invoked = "mnist-dlops" if command[0].endswith("mnist-dlops") else "python -m mnist_dlops"
         done = subprocess.run([*command, "test", "--ckpt_path", "best"], cwd=tmp_path, capture_output=True, text=True,
                               timeout=300)
         assert done.returncode == 2
-        assert done.stderr.strip().endswith(f"(run `{invoked} fit` first)"), done.stderr
+        assert done.stderr.strip().endswith("(run `python cli.py fit` first)"), done.stderr
+        done = subprocess.run([*command, "datasets", "verify", "x"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)
+        assert "(mnist-dlops datasets add x)" in done.stderr, done.stderr
         done = subprocess.run([*command, "nope"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and done.stderr.startswith("error: nope: no such command"), done.stderr
     result = cli_in_process("test", "--ckpt_path", "best", cwd=tmp_path)

@@ -246,7 +246,7 @@ def test_a_bad_export_writes_nothing(trained: Path, capsys: pytest.CaptureFixtur
         assert not list(trained.glob("export*")) and not list(trained.glob(".export*"))
     # Without ONNX's packages (None in sys.modules: Python's own way to make an import fail), the default export is
     # TorchScript alone, said so; asking for ONNX is one line and nothing written.
-    code = ("import sys; sys.modules['onnxruntime'] = None; from mnist_dlops.export import main; main()")
+    code = ("import sys; sys.modules['onnxruntime'] = None; from mnist_dlops.commands.export import main; main()")
     result = subprocess.run([sys.executable, "-c", code, "--ckpt_path", str(trained), "--formats", "[onnx]"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "onnxruntime" in result.stderr.strip().splitlines()[-1], result.stderr
@@ -304,12 +304,12 @@ def test_a_registry_that_cannot_be_written_is_one_line(read_only_mount: Path, mo
     monkeypatch.chdir(read_only_mount)
     cli_main(["fit", *TINY, "--trainer.callbacks", "[]"])
     register = ["register", "--ckpt_path", "last", "--name", "m"]
-    assert run_module("mnist_dlops.registry", *register, cwd=read_only_mount).returncode == 0
+    assert run_module("mnist_dlops", "registry", *register, cwd=read_only_mount).returncode == 0
     if fault == "read-only":
         subprocess.run(["mount", "-o", "remount,ro", str(read_only_mount)], check=True)
     else:
         filler = fill(read_only_mount, 8_000)
-    result = run_module("mnist_dlops.registry", *register, cwd=read_only_mount)
+    result = run_module("mnist_dlops", "registry", *register, cwd=read_only_mount)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "ERROR mlflow" not in result.stderr, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -320,7 +320,7 @@ def test_a_registry_that_cannot_be_written_is_one_line(read_only_mount: Path, mo
         subprocess.run(["mount", "-o", "remount,rw", str(read_only_mount)], check=True)
     else:
         filler.unlink()
-    listed = run_module("mnist_dlops.registry", "list", "--name", "m", cwd=read_only_mount)
+    listed = run_module("mnist_dlops", "registry", "list", "--name", "m", cwd=read_only_mount)
     assert listed.returncode == 0 and "m" in listed.stdout
     assert [line.split()[1] for line in listed.stdout.splitlines()[1:] if line.split()[:1] == ["m"]] == ["1"], \
         listed.stdout
@@ -334,7 +334,7 @@ def test_a_full_disk_during_a_sweep_names_the_file(read_only_mount: Path) -> Non
         "study_name": "full", "n_trials": 2,
         "space": {"model.optimizer.init_args.lr": {"type": "float", "low": 0.001, "high": 0.01}}}))
     fill(read_only_mount, 400_000)  # room for the study's database, not for a trial's run
-    result = run_module("mnist_dlops.sweep", "-c", "sweep.yaml", *TINY, cwd=read_only_mount)
+    result = run_module("mnist_dlops", "sweep", "-c", "sweep.yaml", *TINY, cwd=read_only_mount)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]

@@ -149,7 +149,7 @@ def test_every_tracker_holds_the_provenance_and_hardware_use(tmp_path: Path, tin
     cpu = metrics["train/system/cpu_percent"].dropna()
     assert len(cpu) and ((cpu >= 0) & (cpu <= 100 * (torch.get_num_threads() + 64))).all()
 
-    table = run_module("mnist_dlops.runs", "--csv", "t.csv", cwd=tmp_path)
+    table = run_module("mnist_dlops", "runs", "--csv", "t.csv", cwd=tmp_path)
     assert table.returncode == 0, table.stderr
     row = pd.read_csv(tmp_path / "t.csv").iloc[0]
     assert row["data"] == fingerprint[:12] and row["tags"] == "nightly" and row["note"] == "tiny data"

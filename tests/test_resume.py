@@ -75,7 +75,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(runs: tuple[P
     assert 70 <= step < 150 and step % 50 != 0, "the kill must land mid-epoch"
 
     # The documented short form resumes the newest run, in place.
-    result = run_cli("fit", "--ckpt_path", "last", cwd=interrupted)
+    result = run_cli("fit", "--ckpt_path", "last", "--log_level", "info", cwd=interrupted)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (interrupted / "lightning_logs").iterdir()) == ["version_0"]
     assert "Restored all states from the checkpoint at lightning_logs/version_0/checkpoints/last.ckpt" in result.stderr

@@ -1,7 +1,7 @@
 """Configs, flags and checkpoints from a stranger never run code: every attempt below would create a marker file.
 
 Each payload is live: ``test_the_payloads_are_live`` shows that each one creates its marker when it is allowed to
-run. The attempts then go through the CLI (in-process, ``cli_main``), ``python -m mnist_dlops.export`` and
+run. The attempts then go through the CLI (in-process, ``cli_main``), ``mnist-dlops export`` and
 ``MNISTModule.load_from_checkpoint``, and each must fail with one line naming the key, and leave no marker.
 """
 

@@ -90,7 +90,7 @@ def multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
 
 
 def start_server(lab: Path, *flags: str) -> tuple[subprocess.Popen, str]:
-    """``python -m mnist_dlops.serve <flags>`` on a free loopback port, once healthy: (its process, its URL)."""
+    """``mnist-dlops serve <flags>`` on a free loopback port, once healthy: (its process, its URL)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -125,7 +125,7 @@ def stop_group(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def server(lab: Path) -> str:
-    """``python -m mnist_dlops.serve --model models:/mnist-digits@production`` on a free loopback port."""
+    """``mnist-dlops serve --model models:/mnist-digits@production`` on a free loopback port."""
     process, url = start_server(lab, "--model", "models:/mnist-digits@production", "--workers", "2")
     try:
         yield url

@@ -111,7 +111,7 @@ sampler: {{class_path: optuna.samplers.RandomSampler, init_args: {{seed: 0}}}}
 
 
 def sweep_command(mnist_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "mnist_dlops.sweep", "-c", "w.yaml", *data_args(mnist_dir), *extra]
+    return [sys.executable, "-m", "mnist_dlops", "sweep", "-c", "w.yaml", *data_args(mnist_dir), *extra]
 
 
 def env() -> dict[str, str]:

@@ -68,10 +68,12 @@ def test_trainer_switch(lab: Path, switch: str, capsys: pytest.CaptureFixture) -
 @pytest.mark.slow  # a long real run or a server: in `pytest -m slow` and CI, to keep the default run short
 def test_a_short_logger_name(lab: Path) -> None:
     """``--trainer.logger=CSVLogger`` as Lightning's docs write it, in a fresh process (in this one, our CSVLogger
-    has been imported by other tests, and the short name would be ambiguous, as jsonargparse says)."""
-    result = run_cli("fit", *TINY, "--trainer.logger=CSVLogger", "--trainer.logger.save_dir", "csv", cwd=lab)
+    has been imported by other tests, and the short name would be ambiguous, as jsonargparse says). Its save_dir
+    stays inside the run (a folder elsewhere is refused by the write gate: tests/test_write_gate.py)."""
+    result = run_cli("fit", *TINY, "--trainer.logger=CSVLogger", "--trainer.logger.save_dir",
+                     "lightning_logs/version_0/csv", cwd=lab)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert list((lab / "csv").rglob("metrics.csv"))  # where the user's save_dir says
+    assert list((lab / "lightning_logs/version_0/csv").rglob("metrics.csv"))  # where the user's save_dir says
 
 
 def test_an_evaluation_adds_to_the_curves(lab: Path) -> None:

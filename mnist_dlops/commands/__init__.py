@@ -1,2 +1,2 @@
 """Commands beside fit/validate/test/predict, one module each: ``runs``, ``export``, ``sweep``, ``registry`` (with its
-promotion gate in ``promote``) and ``datasets``; ``mnist-dlops <command>`` or ``python -m mnist_dlops.<command>``."""
+promotion gate in ``promote``) and ``datasets``: ``mnist-dlops <command>``."""

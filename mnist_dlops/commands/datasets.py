@@ -1,11 +1,11 @@
 """Make, record and list data versions on DVC.
 
-    python -m mnist_dlops.datasets add data/mnist --tag v1          # dvc add + a git commit of the pointer + a tag
-    python -m mnist_dlops.datasets relabel data/mnist --n 500       # change 500 training labels (a noisy version)
-    python -m mnist_dlops.datasets merge data/mnist feedback/train   # MNIST plus labelled PNGs
-    python -m mnist_dlops.datasets png data/mnist data/mnist-png         # the seeds' PNG tree
-    python -m mnist_dlops.datasets list data/mnist                  # every version: commit, tags, hash, size, files
-    python -m mnist_dlops.datasets verify data/mnist                # is the folder its version? which one?
+    mnist-dlops datasets add data/mnist --tag v1          # dvc add + a git commit of the pointer + a tag
+    mnist-dlops datasets relabel data/mnist --n 500       # change 500 training labels (a noisy version)
+    mnist-dlops datasets merge data/mnist feedback/train   # MNIST plus labelled PNGs
+    mnist-dlops datasets png data/mnist data/mnist-png         # the seeds' PNG tree
+    mnist-dlops datasets list data/mnist                  # every version: commit, tags, hash, size, files
+    mnist-dlops datasets verify data/mnist                # is the folder its version? which one?
 
 A version is a git commit of the folder's pointer file (``data/mnist.dvc``); the bytes are in DVC's cache and its
 remote (``dvc push``). ``python cli.py fit --data.version v1`` trains on any of them without checking it out.
@@ -237,10 +237,6 @@ def feedback(out: str = "data/feedback", url: Optional[str] = None, holdout: flo
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """``python -m mnist_dlops.datasets {add,list,verify,relabel,merge,png,feedback}``, with one-line errors."""
+    """``mnist-dlops datasets {add,list,verify,relabel,merge,png,feedback}``, with one-line errors."""
     command({"add": add, "list": list_versions, "verify": verify, "relabel": relabel, "merge": merge, "png": png,
              "feedback": feedback}, argv, "datasets")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Export a trained checkpoint for serving without this project: TorchScript and ONNX, each checked against it.
 
-    python -m mnist_dlops.export --ckpt_path best      # or last, a run folder, or a .ckpt file
+    mnist-dlops export --ckpt_path best      # or last, a run folder, or a .ckpt file
 
 The exported model takes MNIST images as uint8 ``[N, 1, 28, 28]`` (0-255, white digit on black, as
 ``mnist_dlops.data.images.to_mnist_image`` makes them) and returns class probabilities ``[N, num_classes]``; the class
@@ -129,9 +129,5 @@ def _onnx(model: nn.Module, images: Tensor, out: Path) -> tuple[Path, Tensor]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """``python -m mnist_dlops.export``: parse the flags of ``export`` and run it, with one-line errors."""
+    """``mnist-dlops export``: parse the flags of ``export`` and run it, with one-line errors."""
     command(export, argv, "export", as_positional=False)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Champion against challenger: a candidate model version takes the production alias only if it is not worse.
 
-    python -m mnist_dlops.registry promote mnist-digits --candidate 2 --feedback_dir data/feedback
+    mnist-dlops registry promote mnist-digits --candidate 2 --feedback_dir data/feedback
 
 Both versions are loaded as the server loads them (TorchScript or ONNX, never pickled code) and evaluated on the
 same fixed sets: MNIST's test split and the held-out share of the users' feedback (``<feedback_dir>/test``). The
@@ -94,7 +94,7 @@ def promote(
         candidate: The version that would take the alias: a number, or ``latest`` (the newest version).
         alias: The alias of the version in service (the champion).
         mnist_dir: The MNIST IDX folder whose test split both are judged on.
-        feedback_dir: A feedback data version (``python -m mnist_dlops.datasets feedback``): its held-out ``test/``
+        feedback_dir: A feedback data version (``mnist-dlops datasets feedback``): its held-out ``test/``
             share is the second set.
         tolerance: How much lower the candidate's accuracy may be on a set and still pass (0.002: two in a thousand).
         floor: The lowest accuracy on every set a version needs to take an alias no version holds yet.

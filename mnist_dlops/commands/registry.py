@@ -1,9 +1,9 @@
 """The model registry: a checkpoint's model as a versioned MLflow model, picked by alias for serving.
 
-    python -m mnist_dlops.registry register --ckpt_path best --name mnist-digits    # a new version
-    python -m mnist_dlops.registry register --sweep quick --name mnist-digits       # a sweep's best trial
-    python -m mnist_dlops.registry alias mnist-digits@production 3
-    python -m mnist_dlops.registry list mnist-digits
+    mnist-dlops registry register --ckpt_path best --name mnist-digits    # a new version
+    mnist-dlops registry register --sweep quick --name mnist-digits       # a sweep's best trial
+    mnist-dlops registry alias mnist-digits@production 3
+    mnist-dlops registry list mnist-digits
 
 A version is the checkpoint's export (TorchScript by default, or ONNX), checked against the checkpoint by
 ``mnist_dlops.export``, logged as an MLflow model with its signature (uint8 ``[N, 1, 28, 28]``, white digit on
@@ -331,11 +331,7 @@ def list_versions(name: Optional[str] = None, runs_dir: str = "lightning_logs",
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """``python -m mnist_dlops.registry {register,alias,list,promote}``, with one-line errors."""
+    """``mnist-dlops registry {register,alias,list,promote}``, with one-line errors."""
     from mnist_dlops.commands.promote import promote
 
     command({"register": register, "alias": alias, "list": list_versions, "promote": promote}, argv, "registry")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,9 +1,9 @@
 """Runs: one directory per run (claimed, found, named into), and the runs table of every training run under
 ``lightning_logs/``, its settings and results, offline.
 
-    python -m mnist_dlops.runs                                   # all runs, newest last
-    python -m mnist_dlops.runs --sort val/acc --where "model=MLP,val/acc>0.99"
-    python -m mnist_dlops.runs --csv runs.csv --plot val/loss   # also write a CSV and a PNG of the curves
+    mnist-dlops runs                                   # all runs, newest last
+    mnist-dlops runs --sort val/acc --where "model=MLP,val/acc>0.99"
+    mnist-dlops runs --csv runs.csv --plot val/loss   # also write a CSV and a PNG of the curves
 
 Metrics are read from the run's ``metrics.csv`` when it has one, else from its TensorBoard events, with
 TensorBoard's own reader; whatever the trackers, each stage's last values are also in its ``provenance*.yaml``,
@@ -276,9 +276,5 @@ def runs(
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """``python -m mnist_dlops.runs``: the table, with one-line errors for bad options."""
+    """``mnist-dlops runs``: the table, with one-line errors for bad options."""
     command(runs, argv, "runs", as_positional=False)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Hyperparameter sweeps on Optuna: search config values, prune hopeless trials, keep every trial as an ordinary run.
 
-    python -m mnist_dlops.sweep -c configs/sweeps/quick.yaml --data.data_dir ../shared/data/mnist
+    mnist-dlops sweep -c configs/sweeps/quick.yaml --data.data_dir ../shared/data/mnist
 
 A sweep config names the experiment configs the trials stack on (``base``), overrides for every trial (``fixed``),
 the ``objective`` metric and its ``direction``, and the search ``space`` as config keys with distributions. Any other
@@ -446,7 +446,7 @@ def parse(args: list[str]) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """``python -m mnist_dlops.sweep``: one-line errors; exit 2 for a bad sweep, before any trial starts."""
+    """``mnist-dlops sweep``: one-line errors; exit 2 for a bad sweep, before any trial starts."""
     import logging
 
     from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -479,13 +479,9 @@ def _run_workers(the_sweep: Sweep, trial_args: list[str]) -> Any:
         config = {**asdict(options), "sampler": sampler or None, "workers": 1, "write_results": False}
         worker_file = the_sweep.folder / f"worker-{worker}.yaml"
         worker_file.write_text(yaml.safe_dump(config, sort_keys=False))
-        command = [sys.executable, "-m", "mnist_dlops.sweep", "-c", str(worker_file), *trial_args]
+        command = [sys.executable, "-m", "mnist_dlops", "sweep", "-c", str(worker_file), *trial_args]
         processes.append(subprocess.Popen(command, env=env))
     codes = [p.wait() for p in processes]
     if any(codes):
         raise UserError(f"a worker failed (exit codes {codes}); the study keeps what finished: rerun to continue")
     return the_sweep.open()
-
-
-if __name__ == "__main__":
-    main()

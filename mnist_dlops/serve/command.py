@@ -1,7 +1,7 @@
-"""``python -m mnist_dlops.serve``: the model behind an HTTP API and a draw-a-digit page.
+"""``mnist-dlops serve``: the model behind an HTTP API and a draw-a-digit page.
 
-    python -m mnist_dlops.serve --model models:/mnist-digits@production     # a registered version, by alias
-    python -m mnist_dlops.serve --ckpt_path best                            # or a checkpoint, or an export file
+    mnist-dlops serve --model models:/mnist-digits@production     # a registered version, by alias
+    mnist-dlops serve --ckpt_path best                            # or a checkpoint, or an export file
 
 Then open http://127.0.0.1:8000/ and draw, or ``curl -F image=@digit.png http://127.0.0.1:8000/predict``.
 """
@@ -192,7 +192,3 @@ def check_options(host: str, port: int, workers: int, max_batch_size: int, batch
 def main(argv: Optional[list[str]] = None) -> None:
     """Parse the flags of ``serve`` and run it, with one-line errors."""
     command(serve, argv, "serve", as_positional=False)
-
-
-if __name__ == "__main__":
-    main()
