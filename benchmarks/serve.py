@@ -74,7 +74,7 @@ def free_port() -> int:
 def start_server(ckpt: Path, port: int, workers: int, max_batch_size: int, batch_timeout: float,
                  monitor: bool = True) -> subprocess.Popen:
     process = subprocess.Popen(
-        [sys.executable, "-m", "mnist_dlops.serve", "--ckpt_path", str(ckpt), "--port", str(port),
+        [sys.executable, "-m", "mnist_dlops", "serve", "--ckpt_path", str(ckpt), "--port", str(port),
          "--workers", str(workers), "--max_batch_size", str(max_batch_size), "--batch_timeout", str(batch_timeout),
          "--monitor", str(monitor).lower()],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -102,6 +102,25 @@ def mnist_dir() -> Path:
         return find_mnist()
     except DataError as err:
         pytest.fail(f"real MNIST not found nor downloadable: {err} (or set MNIST_DIR)", pytrace=False)
+
+
+def forge(path: Path, out: Path, config: Callable[[dict], object],
+          hparams: Callable[[dict], object] = lambda hparams: None) -> Path:
+    """A copy of checkpoint ``path`` at ``out`` whose stored run config (and hyper-parameters) ``config`` (and
+    ``hparams``) changed in place, as a stranger would send it; still plain data."""
+    import torch
+    import yaml
+
+    from mnist_dlops.rundir.checkpoints import STATE_KEY
+
+    checkpoint = torch.load(path, weights_only=True)
+    hparams(checkpoint["hyper_parameters"])
+    stored = yaml.safe_load(checkpoint[STATE_KEY]["config"])
+    config(stored)
+    checkpoint[STATE_KEY]["config"] = yaml.safe_dump(stored)
+    torch.save(checkpoint, out)
+    torch.load(out, weights_only=True)  # weights_only alone would accept it
+    return out
 
 
 @pytest.fixture

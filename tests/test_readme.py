@@ -27,7 +27,8 @@ TROUBLE = re.compile(r"(?i)warning|traceback|error|deprecat|exception")
 
 def block(marker: str, after: str = "") -> list[str]:
     """The commands of the README's first bash block after ``marker`` (and ``after``), comments dropped."""
-    text = (REPO / "README.md").read_text().split(marker, 1)[1].split(after, 1)[-1]
+    text = (REPO / "README.md").read_text().split(marker, 1)[1]
+    text = text.split(after, 1)[-1] if after else text
     body = text.split("```bash\n", 1)[1].split("```", 1)[0]
     return [line.split("  #")[0].strip() for line in body.splitlines() if line.strip()]
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import make_idx_set
+from conftest import forge, make_idx_set
 
 from mnist_dlops.cli.app import cli_main
 from mnist_dlops.commands.export import export
@@ -188,16 +188,10 @@ def trained(lab: Path) -> Path:
     return lab / "lightning_logs/version_0/checkpoints/last.ckpt"
 
 
-def forge(path: Path, network: object, out: Path) -> Path:
+def forge_network(path: Path, network: object, out: Path) -> Path:
     """A copy of the checkpoint whose saved network (hyper-parameters and config) is ``network``."""
-    checkpoint = torch.load(path, weights_only=True)
-    checkpoint["hyper_parameters"]["network"] = network
-    config = yaml.safe_load(checkpoint[STATE_KEY]["config"])
-    config["model"]["network"] = network
-    checkpoint[STATE_KEY]["config"] = yaml.safe_dump(config)
-    torch.save(checkpoint, out)
-    torch.load(out, weights_only=True)  # still plain data: weights_only alone would accept it
-    return out
+    return forge(path, out, lambda config: config["model"].update(network=network),
+                 lambda hparams: hparams.update(network=network))
 
 
 CHECKPOINT_NETWORKS = {
@@ -210,7 +204,7 @@ CHECKPOINT_NETWORKS = {
 @pytest.mark.parametrize("name", list(CHECKPOINT_NETWORKS))
 def test_checkpoint_cannot_run_code(trained: Path, capsys: pytest.CaptureFixture, name: str) -> None:
     lab = trained.parents[3]
-    forged = forge(trained, CHECKPOINT_NETWORKS[name], lab / "forged.ckpt")
+    forged = forge_network(trained, CHECKPOINT_NETWORKS[name], lab / "forged.ckpt")
     for command in ("test", "validate", "fit"):
         refused([command, "--ckpt_path", str(forged), "--data.data_dir", "data"], capsys, "forged.ckpt", "network")
     with pytest.raises(CheckpointError, match="not allowed"):

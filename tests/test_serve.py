@@ -96,7 +96,7 @@ def start_server(lab: Path, *flags: str) -> tuple[subprocess.Popen, str]:
     env.pop("MLFLOW_TRACKING_URI", None)
     with open(lab / "server.log", "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "mnist_dlops.serve", *flags, "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "mnist_dlops", "serve", *flags, "--host", "127.0.0.1", "--port", str(port)],
             cwd=lab, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
@@ -180,6 +180,11 @@ def test_a_json_batch_and_the_metadata(lab: Path, server: str, mnist_dir: Path) 
     images, labels = mnist_test(mnist_dir, 8)
     status, answer = post(f"{server}/predict", json.dumps({"images": images.tolist()}).encode(), "application/json")
     assert status == 200
+    # The same JSON as `curl -d` sends it, with a form's content type: read as the JSON it is.
+    again = post(f"{server}/predict", json.dumps({"images": images.tolist()}).encode(),
+                 "application/x-www-form-urlencoded")
+    assert again[0] == 200 and [p["probabilities"] for p in again[1]["predictions"]] == \
+        [p["probabilities"] for p in answer["predictions"]]
     best = sorted((lab / "lightning_logs/version_0/checkpoints").glob("epoch*.ckpt"))[0]
     with torch.no_grad():
         expected = rebuild(best)(torch.from_numpy(images[:, None].copy())).softmax(-1).numpy()
@@ -385,7 +390,7 @@ def test_a_strangers_registered_model_never_runs_code(lab: Path, tmp_path: Path)
     with pytest.raises(CheckpointError, match="cannot be loaded as torchscript"):
         check(served)
     # Through the command, as a user would run it: one line, exit 2, and the server never starts.
-    done = subprocess.run([sys.executable, "-m", "mnist_dlops.serve", "--model", "models:/evil/1",
+    done = subprocess.run([sys.executable, "-m", "mnist_dlops", "serve", "--model", "models:/evil/1",
                            "--runs_dir", runs_dir, "--port", str(free_port())],
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
     last = done.stderr.strip().splitlines()[-1]  # after MLflow's download progress bar
@@ -416,7 +421,7 @@ def test_sigterm_to_the_server_alone_stops_every_process_it_started(lab: Path) -
 
 def test_sigterm_while_serving_is_ctrl_c_and_the_callers_handler_comes_back() -> None:
     """In the serving process SIGTERM takes LitServe's Ctrl+C path; a Python caller gets its own handler back."""
-    from mnist_dlops.serve.__main__ import stop_on_sigterm
+    from mnist_dlops.serve.command import stop_on_sigterm
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
@@ -432,7 +437,7 @@ def test_sigterm_while_serving_is_ctrl_c_and_the_callers_handler_comes_back() ->
     (["--host", "999.1.1.1"], "host=999.1.1.1"), (["--max_upload_mb", "0"], "max_upload_mb=0"),
 ])
 def test_bad_server_options_are_one_line(capsys: pytest.CaptureFixture, flags: list[str], fragment: str) -> None:
-    from mnist_dlops.serve.__main__ import main
+    from mnist_dlops.serve.command import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--ckpt_path", "nosuch.ckpt", *flags])
@@ -445,7 +450,7 @@ def test_fake_exports_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     """A file named model.onnx or model.pt that is no such thing: one line naming it, before any worker starts."""
     import zipfile
 
-    from mnist_dlops.serve.__main__ import main
+    from mnist_dlops.serve.command import main
 
     (tmp_path / "classes.txt").write_text("0\n1\n")
     (tmp_path / "model.onnx").write_bytes(b"not a protobuf")

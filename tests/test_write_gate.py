@@ -10,13 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
-from conftest import make_idx_set
+from conftest import REPO, forge, make_idx_set
 
 from mnist_dlops.cli.app import cli_main
 from mnist_dlops.errors import user_errors
-from mnist_dlops.rundir.checkpoints import STATE_KEY
 
 TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
         "--trainer.limit_test_batches", "1", "--trainer.limit_predict_batches", "1", "--data.val_size", "20",
@@ -60,8 +58,11 @@ PATHS = {
     "lightning CSVLogger": ["--trainer.logger=pytorch_lightning.loggers.CSVLogger",
                             "--trainer.logger.init_args.save_dir=outside", "--trainer.logger.init_args.name=",
                             "--trainer.logger.init_args.version="],
-    "profiler": ["--trainer.profiler=pytorch_lightning.profilers.SimpleProfiler",
-                 "--trainer.profiler.init_args.dirpath=outside", "--trainer.profiler.init_args.filename=prof"],
+    **{f"{name} tracker": ["-c", str(REPO / "configs" / f"{name}.yaml"), "--trainer.logger.init_args.save_dir=outside"]
+       for name in ("wandb", "neptune", "mlflow")},
+    **{profiler: [f"--trainer.profiler=pytorch_lightning.profilers.{profiler}",
+                  "--trainer.profiler.init_args.dirpath=outside", "--trainer.profiler.init_args.filename=prof"]
+       for profiler in ("SimpleProfiler", "AdvancedProfiler")},
     "OnExceptionCheckpoint": ["--trainer.callbacks+=pytorch_lightning.callbacks.OnExceptionCheckpoint",
                               "--trainer.callbacks.dirpath=outside"],
     "ModelCheckpoint": ["--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint",
@@ -83,16 +84,6 @@ def trained(lab: Path) -> Path:
     return lab / "lightning_logs/version_0/checkpoints/last.ckpt"
 
 
-def stranger(trained: Path, edit: callable, out: Path) -> Path:
-    """A copy of ``trained`` whose stored config ``edit`` changed, as a stranger would send it."""
-    checkpoint = torch.load(trained, weights_only=True)
-    config = yaml.safe_load(checkpoint[STATE_KEY]["config"])
-    edit(config)
-    checkpoint[STATE_KEY]["config"] = yaml.safe_dump(config)
-    torch.save(checkpoint, out)
-    return out
-
-
 STORED = {
     "OnExceptionCheckpoint": lambda c: c["trainer"].update(callbacks=[{
         "class_path": "pytorch_lightning.callbacks.OnExceptionCheckpoint",
@@ -108,7 +99,7 @@ STORED = {
 def test_a_strangers_checkpoint_never_writes_outside(trained: Path, capsys: pytest.CaptureFixture, subcommand: str,
                                                      edit: callable) -> None:
     lab = trained.parents[3]
-    ckpt = stranger(trained, edit, lab / "stranger.ckpt")
+    ckpt = forge(trained, lab / "stranger.ckpt", edit)
     before = digest(lab / "outside")
     refused([subcommand, "--ckpt_path", str(ckpt), "--data.data_dir", "data", *TINY], capsys, "outside")
     assert digest(lab / "outside") == before
@@ -116,7 +107,7 @@ def test_a_strangers_checkpoint_never_writes_outside(trained: Path, capsys: pyte
 
 def test_a_checkpoint_does_not_choose_where_runs_go(trained: Path, capsys: pytest.CaptureFixture) -> None:
     lab = trained.parents[3]
-    ckpt = stranger(trained, lambda c: c.update(runs_dir=str(lab / "outside" / "runs")), lab / "stranger.ckpt")
+    ckpt = forge(trained, lab / "stranger.ckpt", lambda c: c.update(runs_dir=str(lab / "outside" / "runs")))
     before = digest(lab / "outside")
     cli_main(["test", "--ckpt_path", str(ckpt), "--data.data_dir", "data", *TINY])
     assert digest(lab / "outside") == before
@@ -203,7 +194,7 @@ def test_a_kill_during_a_data_command_leaves_nothing_the_next_run_keeps(lab: Pat
 
 
 def test_prometheus_folder_keeps_files_that_are_not_its_own(lab: Path) -> None:
-    from mnist_dlops.serve.__main__ import metrics_folder
+    from mnist_dlops.serve.command import metrics_folder
 
     folder = lab / "outside" / "sub"
     (folder / "counter_123.db").write_bytes(b"stale")

@@ -218,7 +218,8 @@ class MNISTCLI(LightningCLI):
         without our checkpoint callback when ``trainer.enable_checkpointing`` is false, and with checkpoints
         written atomically (``Trainer(plugins=...)``) unless the config names its own checkpoint IO."""
         if config.get("enable_model_summary") is None:  # Lightning's table: news at --log_level info, unless asked
-            config = {**config, "enable_model_summary": self.config[self.subcommand].log_level in ("debug", "info")}
+            level = (self.config[self.subcommand] if self.subcommand else self.config).get("log_level")
+            config = {**config, "enable_model_summary": level in ("debug", "info")}
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):

@@ -99,8 +99,10 @@ def _mlflow_run(client: Any, run_dir: Path, metrics: dict[str, float]) -> str:
         except MlflowException:
             pass  # logged into another store: this store gets a run of its own
     experiment = client.get_experiment_by_name(EXPERIMENT)
+    # A new experiment keeps its artifacts beside the store's database (a run folder may lie elsewhere: pipeline/fit).
+    store_dir = Path(client.tracking_uri.removeprefix("sqlite:///")).parent
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-        EXPERIMENT, artifact_location=artifact_root(run_dir.parent, client.tracking_uri))
+        EXPERIMENT, artifact_location=artifact_root(store_dir, client.tracking_uri))
     run = client.create_run(experiment_id, run_name=run_dir.name, tags={"mnist_dlops.run_dir": str(run_dir)})
     for key, value in metrics.items():
         client.log_metric(run.info.run_id, key, value)

@@ -339,6 +339,7 @@ class Sweep:
 
 def _record(run_dir: Path, sweep: dict[str, Any]) -> None:
     """Mark the run as a trial of the study in its provenance (the runs table reads it from there)."""
+    allow_writes(run_dir, "the trial's run")  # its own run, which the trial's fit has just finished
     path = Path(run_dir) / "provenance.yaml"
     record = yaml.safe_load(path.read_text()) if path.is_file() else {}
     record["sweep"] = sweep

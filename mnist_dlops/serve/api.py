@@ -199,8 +199,11 @@ class Uploads:
             await _reply(send, 400, "empty body: send a PNG/JPEG image, or JSON with \"image\" or \"images\"")
             return
         kind = headers.get("content-type", "").split(";")[0].strip().lower()
+        # JSON sent without its content type (curl -d's form type): no image format starts with '{' or '['.
+        is_json = kind == "application/json" or (
+            not kind.startswith(("image/", "multipart/")) and bytes(body).lstrip()[:1] in (b"{", b"["))
         try:
-            payload = _json_body(bytes(body)) if kind == "application/json" else _image_body(bytes(body), headers)
+            payload = _json_body(bytes(body)) if is_json else _image_body(bytes(body), headers)
         except ValueError as err:
             await _reply(send, 400, str(err))
             return
