@@ -8,8 +8,8 @@ sees each ``open`` with its mode, ``os.remove``, ``os.rename``/``os.replace``, `
 ``shutil.rmtree``, ``os.truncate``, links, ``chmod`` and ``sqlite3.connect``, in every thread, before the call acts.
 While a command runs (``guarded_writes``), such a call is allowed only under
 
-- the system temp folder, the libraries' caches and settings (``~/.cache``, ``~/.config/<library>``), ``/dev``, and
-  Python's own ``__pycache__``;
+- the system temp folder, the libraries' caches and settings (``~/.cache``, ``~/.config/<library>``),
+  ``/dev/null`` and ``/dev/shm``, and Python's own ``__pycache__``;
 - what the command opened by design (``allow_writes``): its run folder, the runs folder's stores (``mlflow.db``,
   studies, ``feedback.db``), DVC's cache, the outputs it documents (``--out``, ``--csv``, a download's data folder).
 
@@ -108,7 +108,8 @@ def _base_allowed() -> list[tuple[str, str]]:
     home = os.path.expanduser("~")
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
     config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
-    places = [(tempfile.gettempdir(), "the temp folder"), (cache, "the libraries' cache"), ("/dev", "a device")]
+    places = [(tempfile.gettempdir(), "the temp folder"), (cache, "the libraries' cache"),
+              (os.devnull, "the null device"), ("/dev/shm", "shared memory")]  # DataLoader workers share tensors there
     places += [(os.path.join(config, name), f"{name}'s settings") for name in _CONFIG_DIRS]
     places += [(os.environ[name], name) for name in ("MPLCONFIGDIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR",
                                                      "WANDB_DATA_DIR") if os.environ.get(name)]

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+MACHINE_TEMP = tempfile.gettempdir()  # before system_temp() gives the tests a temp folder of their own
 
 
 def find_mnist(repo: Path = REPO, mirrors: tuple[str, ...] | None = None) -> Path:
@@ -194,7 +195,8 @@ def postgres():
     # PostgreSQL refuses to run as root: as root, it runs as the postgres user, in a folder that user can reach
     # (pytest's own temporary folders are private to root).
     user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    root = Path(tempfile.mkdtemp(prefix="mnist-dlops-pg-"))
+    # In the machine's temp folder: the postgres user cannot enter the tests' own (pytest's folders are private).
+    root = Path(tempfile.mkdtemp(prefix="mnist-dlops-pg-", dir=MACHINE_TEMP))
     root.chmod(0o777)
     bin_dir, data = Path(pg_ctl).parent, root / "data"
     subprocess.run([*user, str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"], check=True,

@@ -132,7 +132,8 @@ def three_runs(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Pat
 
 @pytest.mark.slow  # several runs or processes: in `pytest -m slow` and CI, to keep the default run short
 def test_runs_table_lists_three_real_runs(three_runs: Path) -> None:
-    result = run_module("mnist_dlops", "runs", "--csv", "runs.csv", "--plot", "val/loss", "--plot_file", "curves.png", cwd=three_runs)
+    result = run_module("mnist_dlops", "runs", "--csv", "runs.csv", "--plot", "val/loss", "--plot_file", "curves.png",
+                        cwd=three_runs)
     assert result.returncode == 0, result.stderr[-3000:]
     table = pd.read_csv(three_runs / "runs.csv")
     assert table["run"].tolist() == ["version_0", "version_1", "version_2"]
@@ -153,7 +154,8 @@ def test_runs_table_lists_three_real_runs(three_runs: Path) -> None:
     filtered = run_module("mnist_dlops", "runs", "--where", "task=binary (3)", "--csv", "one.csv", cwd=three_runs)
     assert filtered.returncode == 0, filtered.stderr
     assert pd.read_csv(three_runs / "one.csv")["run"].tolist() == ["version_1"]
-    ranked = run_module("mnist_dlops", "runs", "--sort", "val/loss", "--ascending", "true", "--csv", "ranked.csv", cwd=three_runs)
+    ranked = run_module("mnist_dlops", "runs", "--sort", "val/loss", "--ascending", "true", "--csv", "ranked.csv",
+                        cwd=three_runs)
     assert pd.read_csv(three_runs / "ranked.csv")["val/loss"].is_monotonic_increasing, ranked.stdout
     bad = run_module("mnist_dlops", "runs", "--where", "colour=blue", cwd=three_runs)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --where 'colour=blue'")

@@ -54,7 +54,8 @@ def refused(args: list[str], capsys: pytest.CaptureFixture, *fragments: str) -> 
 # Classes that take a path, each pointed outside the run: Lightning's and ours, loggers, profilers, callbacks.
 PATHS = {
     "tensorboard save_dir": ["--trainer.logger.init_args.save_dir=outside"],
-    "csv tracker": ["--trainer.logger=mnist_dlops.trackers.csv.CSVLogger", "--trainer.logger.init_args.save_dir=outside"],
+    "csv tracker": ["--trainer.logger=mnist_dlops.trackers.csv.CSVLogger",
+                    "--trainer.logger.init_args.save_dir=outside"],
     "lightning CSVLogger": ["--trainer.logger=pytorch_lightning.loggers.CSVLogger",
                             "--trainer.logger.init_args.save_dir=outside", "--trainer.logger.init_args.name=",
                             "--trainer.logger.init_args.version="],

@@ -82,7 +82,9 @@ class MNISTCLI(LightningCLI):
         if self.claimed is not None:
             if not any(self.claimed.glob("checkpoints/*.ckpt")):
                 shutil.rmtree(self.claimed, ignore_errors=True)
-        elif self.run_dir is not None and (self.subcommand != "fit" or not any(self.run_dir.glob("checkpoints/*.ckpt"))):
+        elif self.run_dir is not None and (
+            self.subcommand != "fit" or not any(self.run_dir.glob("checkpoints/*.ckpt"))
+        ):
             for path in sorted(set(self.run_dir.rglob("*")) - self._files_before, reverse=True):
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)

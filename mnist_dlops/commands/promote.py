@@ -111,7 +111,8 @@ def promote(
     from mnist_dlops.trackers.mlflow_store import check_name, open_client, store
 
     if tolerance < 0 or not 0 <= floor <= 1:
-        raise ConfigError(f"tolerance={tolerance}: must be >= 0" if tolerance < 0 else f"floor={floor}: must be in [0, 1]")
+        raise ConfigError(f"tolerance={tolerance}: must be >= 0" if tolerance < 0
+                          else f"floor={floor}: must be in [0, 1]")
     if feedback_dir and not Path(feedback_dir).is_dir():
         raise ConfigError(f"feedback_dir={feedback_dir}: no such folder ({invoked('datasets feedback')} --out "
                           f"{feedback_dir} writes it)")
@@ -136,7 +137,8 @@ def promote(
         return True
     sets = eval_sets(mnist_dir, feedback_dir)
     roles = {"candidate": str(candidate), **({"champion": champion} if champion else {})}
-    models = {role: from_registry(f"models:/{name}/{version}", tracking_uri=location) for role, version in roles.items()}
+    models = {role: from_registry(f"models:/{name}/{version}", tracking_uri=location)
+              for role, version in roles.items()}
     for served in models.values():
         check(served)  # a version that cannot predict is refused before any comparison
     forwards = {role: served.load() for role, served in models.items()}
@@ -144,7 +146,8 @@ def promote(
     results = {set_name: {role: evaluate(forwards[role], images, labels, classes) for role in forwards}
                for set_name, (images, labels) in sets.items()}
     if champion is None:  # the first holder of the alias: judged against the stated floor
-        low = [f"{s}: {r['candidate']['acc']:.4f} < {floor}" for s, r in results.items() if r["candidate"]["acc"] < floor]
+        low = [f"{s}: {r['candidate']['acc']:.4f} < {floor}"
+               for s, r in results.items() if r["candidate"]["acc"] < floor]
         for set_name, r in results.items():
             print(f"{set_name}: version {candidate} accuracy {r['candidate']['acc']:.4f} (floor {floor})")
         if not low or force:

@@ -88,7 +88,7 @@ def _run_record(run_dir: Path) -> tuple[dict[str, Any], dict[str, float]]:
     return run_data(run_dir), metrics
 
 
-def _mlflow_run(client: Any, run_dir: Path, metrics: dict[str, float]) -> str:
+def _mlflow_run(client: Any, run_dir: Path, metrics: dict[str, float], runs_dir: Path) -> str:
     """The MLflow run the training run logged (configs/mlflow.yaml), or a new one named after its folder."""
     from mlflow.exceptions import MlflowException
 
@@ -99,10 +99,9 @@ def _mlflow_run(client: Any, run_dir: Path, metrics: dict[str, float]) -> str:
         except MlflowException:
             pass  # logged into another store: this store gets a run of its own
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    # A new experiment keeps its artifacts beside the store's database (a run folder may lie elsewhere: pipeline/fit).
-    store_dir = Path(client.tracking_uri.removeprefix("sqlite:///")).parent
+    # A new experiment keeps its artifacts in the runs folder (the run itself may lie elsewhere: pipeline/fit).
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-        EXPERIMENT, artifact_location=artifact_root(store_dir, client.tracking_uri))
+        EXPERIMENT, artifact_location=artifact_root(runs_dir, client.tracking_uri))
     run = client.create_run(experiment_id, run_name=run_dir.name, tags={"mnist_dlops.run_dir": str(run_dir)})
     for key, value in metrics.items():
         client.log_metric(run.info.run_id, key, value)
@@ -217,7 +216,7 @@ def register(
     try:
         with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
             export(str(path), formats=[format], out_dir=tmp)  # its lines name a temporary folder: not the news
-            run_id = _mlflow_run(client, run_dir, metrics)
+            run_id = _mlflow_run(client, run_dir, metrics, Path(runs_dir))
             file = Path(tmp) / ("model.onnx" if format == "onnx" else "model.pt")
             source = _log_model(client, file, format, list(module.class_names), metadata, run_id)
         if not existed:

@@ -40,16 +40,17 @@ def allow_store_writes(uri: str) -> None:
     """A command opens its MLflow store by design: a local one's database, lock and artifacts may be written."""
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
-        for path in (db, db.with_name(db.name + ".lock"), db.with_name(db.name + "-journal"), db.parent / "mlflow-artifacts"):
+        for path in (db, db.with_name(f"{db.name}.lock"), db.with_name(f"{db.name}-journal"),
+                     db.parent / "mlflow-artifacts"):
             allow_writes(path, "the MLflow store")
     elif "://" not in uri or uri.startswith("file:"):
         allow_writes(uri.removeprefix("file://"), "the MLflow store")
 
 
 def artifact_root(runs_dir: Path, uri: str) -> Optional[str]:
-    """Where a new experiment keeps its artifacts: beside a local database; a server's or PostgreSQL's own default
-    otherwise."""
-    return (runs_dir.resolve() / "mlflow-artifacts").as_uri() if uri.startswith("sqlite:") else None
+    """Where a new experiment keeps its artifacts: ``<runs_dir>/mlflow-artifacts`` for a database store (SQLite or
+    PostgreSQL: MLflow's own default would be ``./mlruns`` wherever the command runs); a server's own otherwise."""
+    return (runs_dir.resolve() / "mlflow-artifacts").as_uri() if uri.startswith(("sqlite:", "postgresql")) else None
 
 
 class RegistryError(UserError):
@@ -58,6 +59,7 @@ class RegistryError(UserError):
 
 def open_client(runs_dir: str, tracking_uri: Optional[str]) -> Any:
     """A client of the runs folder's store, or of ``tracking_uri``'s (the registry's commands and the server)."""
+    allow_writes(Path(runs_dir) / "mlflow-artifacts", "the MLflow store's artifacts")  # a database store's, too
     return store_client(store_uri(Path(runs_dir), tracking_uri))
 
 
