@@ -30,6 +30,7 @@ from mnist_dlops.quiet import quiet, show
 from mnist_dlops.rundir.checkpoints import AtomicCheckpointIO, ResumeState, RunCheckpoint, load_checkpoint
 from mnist_dlops.rundir.folders import claim_run_dir, run_dir_of
 from mnist_dlops.rundir.record import RunConfigSaver
+from mnist_dlops.trackers.mlflow_store import allow_store_writes, runs_store
 from mnist_dlops.trust import check_classes
 from mnist_dlops.writeguard import GATE as WRITES
 from mnist_dlops.writeguard import allow_writes, guarded_writes
@@ -177,8 +178,7 @@ class MNISTCLI(LightningCLI):
             with WRITES.allowing(runs_dir, "the runs folder"):  # for the new version_N only
                 run_dir = self.claimed = claim_run_dir(runs_dir)
         allow_writes(run_dir, "the run")
-        for store in ("mlflow.db", "mlflow.db.lock", "mlflow.db-journal", "mlflow-artifacts"):  # MLflow's tracker
-            allow_writes(run_dir.resolve().parent / store, "the runs folder's MLflow store")
+        allow_store_writes(runs_store(run_dir.resolve().parent))  # the runs folder's store, for MLflow's tracker
         if config.get("run_dir") and not os.environ.get(RUN_DIR_ENV):
             if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
                 raise ConfigError(f"run_dir={run_dir}: exists and is not empty; a run gets a folder of its own "

@@ -100,9 +100,11 @@ def serve(
         key, value = ("feedback_per_minute", feedback_per_minute) if feedback_per_minute < 1 else (
             "reload_interval", reload_interval)
         raise ConfigError(f"{key}={value}: must be {'>= 1' if key == 'feedback_per_minute' else '>= 0'}")
-    with metrics_folder() if monitor else contextlib.nullcontext(), downloads_folder():
+    from mnist_dlops.serve.model import DOWNLOADS_ENV, check, resolve  # prometheus_client is not imported by it
+
+    with metrics_folder() if monitor else contextlib.nullcontext(), \
+            temporary_folder(DOWNLOADS_ENV, "mnist-dlops-serve-"):  # registered versions downloaded, all processes
         from mnist_dlops.serve.api import build_server  # after the metrics folder is set: prometheus_client reads it
-        from mnist_dlops.serve.model import check, resolve
 
         served = resolve(model, ckpt_path, runs_dir, tracking_uri)
         check(served)
@@ -130,9 +132,6 @@ def metrics_folder() -> Iterator[None]:
     """``PROMETHEUS_MULTIPROC_DIR`` for this server: every process it starts counts into its own files there and
     ``/metrics`` adds them up. A fresh folder, removed after (or the one the environment names, emptied first, as
     prometheus_client asks: files of earlier processes would be counted again)."""
-    import shutil
-    import tempfile
-
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if given:
         allow_writes(given, "PROMETHEUS_MULTIPROC_DIR")
@@ -142,29 +141,23 @@ def metrics_folder() -> Iterator[None]:
                 os.unlink(os.path.join(given, name))
         yield
         return
-    folder = tempfile.mkdtemp(prefix="mnist-dlops-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
-    try:
+    with temporary_folder("PROMETHEUS_MULTIPROC_DIR", "mnist-dlops-metrics-"):
         yield
-    finally:
-        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextmanager
-def downloads_folder() -> Iterator[None]:
-    """A temporary folder for the registered versions this server and its workers download, removed on exit."""
+def temporary_folder(variable: str, prefix: str) -> Iterator[None]:
+    """A fresh temporary folder named by the environment ``variable`` (the workers LitServe starts inherit it),
+    removed with the variable when the server stops."""
     import shutil
     import tempfile
 
-    from mnist_dlops.serve.model import DOWNLOADS_ENV
-
-    folder = tempfile.mkdtemp(prefix="mnist-dlops-serve-")
-    os.environ[DOWNLOADS_ENV] = folder  # the workers LitServe starts inherit it
+    folder = tempfile.mkdtemp(prefix=prefix)
+    os.environ[variable] = folder
     try:
         yield
     finally:
-        del os.environ[DOWNLOADS_ENV]
+        del os.environ[variable]
         shutil.rmtree(folder, ignore_errors=True)
 
 

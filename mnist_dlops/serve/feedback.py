@@ -91,8 +91,7 @@ class FeedbackStore:
         url = engine_url(check_url("feedback_url", url))
         if url.startswith("sqlite:///"):
             db = Path(url.removeprefix("sqlite:///"))
-            for path in (db, db.with_name(db.name + "-journal")):
-                allow_writes(path, "the feedback store")
+            allow_writes(db, "the feedback store")  # its journal is SQLite's own C code, unseen by the gate
             db.parent.mkdir(parents=True, exist_ok=True)
         self.url = url
         self.engine = create_engine(url)

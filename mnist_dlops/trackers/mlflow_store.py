@@ -24,6 +24,11 @@ def store_uri(runs_dir: Path, tracking_uri: Optional[str] = None) -> str:
     if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):  # checked before SQLAlchemy imports its driver by name
         key = "tracking_uri" if tracking_uri else "MLFLOW_TRACKING_URI"
         return check_url(key, tracking_uri or os.environ["MLFLOW_TRACKING_URI"], TRACKING_SCHEMES)
+    return runs_store(runs_dir)
+
+
+def runs_store(runs_dir: Path) -> str:
+    """The runs folder's own store: one SQLite database for all its runs."""
     return f"sqlite:///{runs_dir.resolve() / 'mlflow.db'}"
 
 
@@ -37,11 +42,11 @@ def store_client(uri: str) -> Any:
 
 
 def allow_store_writes(uri: str) -> None:
-    """A command opens its MLflow store by design: a local one's database, lock and artifacts may be written."""
+    """A command opens its MLflow store by design: a local one's database, lock and artifacts may be written (SQLite's
+    journal beside the database is written by C code, which the gate does not see)."""
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
-        for path in (db, db.with_name(f"{db.name}.lock"), db.with_name(f"{db.name}-journal"),
-                     db.parent / "mlflow-artifacts"):
+        for path in (db, db.with_name(f"{db.name}.lock"), db.parent / "mlflow-artifacts"):
             allow_writes(path, "the MLflow store")
     elif "://" not in uri or uri.startswith("file:"):
         allow_writes(uri.removeprefix("file://"), "the MLflow store")
