@@ -6,7 +6,8 @@ Measured in one process run, interleaved (raw, ours, seed, raw, ours, seed...), 
 optimizer, schedule and data, and reported as medians, so that a busy machine slows all three alike:
 
 1. raw:  a plain PyTorch loop over the in-memory uint8 tensors (slice, normalize, forward, loss, backward, the
-         default's fused Adam and one-cycle schedule);
+         default's fused Adam, one-cycle schedule and precision: bf16 autocast where the CPU has bf16), and the
+         same loop in fp32 (the bf16/fp32 ratio) and in NCHW (the channels-last ratio);
 2. ours: ``cli.py fit`` with the default stack (metrics, logging, diagnostics, checkpoints, progress bar), timed
          by Lightning's ``Timer`` callback over the training epoch, validation excluded;
 3. seed: the seeds' recipe on today's Lightning: their LightningModule (batch accuracy logged to the progress
@@ -16,7 +17,7 @@ optimizer, schedule and data, and reported as medians, so that a busy machine sl
 Then the default config itself, once per seed (``--seeds``): training seconds (Timer: train, validation included)
 and test accuracy, seconds from process start to the first training step, and the peak and per-epoch resident
 memory (``probe.Probe``); and ``python cli.py --help`` against ``python -c "import pytorch_lightning"``. The last
-line is machine-readable: ``ratio_vs_raw=<x> ratio_vs_seed=<y> time_to_99_s=<z> first_step_ratio=<r> peak_rss_mb=<m>``.
+line is machine-readable: ``ratio_vs_raw=<x> ratio_vs_seed=<y> bf16_vs_fp32=<b> time_to_99_s=<z> first_step_ratio=<r> peak_rss_mb=<m>``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from mnist_dlops.data import MNISTDataModule  # noqa: E402
 from mnist_dlops.data.idx import read_idx_split  # noqa: E402
 from mnist_dlops.data.images import MNIST_MEAN, MNIST_STD  # noqa: E402
 from mnist_dlops.networks import MLP, FastCNN  # noqa: E402
+from mnist_dlops.rundir.record import default_precision  # noqa: E402
 from mnist_dlops.schedules import OneCycleLR  # noqa: E402
 
 # Lightning's Timer; its interval is given as a plain string, as its default (an Enum) does not dump to YAML.
@@ -59,14 +61,16 @@ PROBE_ENV = {**os.environ, "MNIST_DLOPS_TRUST": "probe", "PYTHONPATH": str(REPO 
 # The default recipe's batch size and peak lr, as the CLI sets them.
 DEFAULT_BATCH = inspect.signature(MNISTDataModule).parameters["batch_size"].default
 DEFAULT_LR = DEFAULT_OPTIMIZER["init_args"]["lr"]
+BF16 = default_precision() == "bf16-mixed"  # the default's precision on this machine
 NETWORKS = {"mlp": ("mnist_dlops.networks.MLP", MLP), "cnn": ("mnist_dlops.networks.FastCNN", FastCNN)}
 
 
 def raw_loop(
-    network: str, images: torch.Tensor, labels: torch.Tensor, batch_size: int, steps: int, contiguous: bool = False
+    network: str, images: torch.Tensor, labels: torch.Tensor, batch_size: int, steps: int, contiguous: bool = False,
+    bf16: bool = BF16,
 ) -> float:
-    """Samples/s of the plainest training loop over resident tensors, with the default's optimizer and schedule;
-    ``contiguous``: the network's weights in the default NCHW layout instead of its own channels-last."""
+    """Samples/s of the plainest training loop over resident tensors, with the default's optimizer, schedule and
+    precision (``bf16``: autocast); ``contiguous``: the network's weights in NCHW instead of its own channels-last."""
     torch.manual_seed(0)
     model = NETWORKS[network][1](10)
     if contiguous:
@@ -80,8 +84,9 @@ def raw_loop(
             start = time.perf_counter()
         idx = order[(step * batch_size) % (len(labels) - batch_size) :][:batch_size]
         x = (images[idx].float() / 255.0 - MNIST_MEAN) / MNIST_STD
-        logits = model.head(model.features(x)) if contiguous else model(x)  # forward() would make x channels-last
-        loss = F.cross_entropy(logits, labels[idx])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # what Lightning's bf16-mixed does
+            logits = model.head(model.features(x)) if contiguous else model(x)  # forward() makes x channels-last
+            loss = F.cross_entropy(logits, labels[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -220,7 +225,7 @@ def main() -> None:
             files.append(path)
         seed_labels = labels[: opts.seed_images].tolist()
 
-        contenders = ("raw", "nchw", "ours", "seed")
+        contenders = ("raw", "fp32", "nchw", "ours", "seed")
         results: dict[str, dict[str, list[float]]] = {n: {k: [] for k in contenders} for n in NETWORKS}
         for round_ in range(opts.rounds):
             for network in NETWORKS:
@@ -228,6 +233,8 @@ def main() -> None:
                 r["raw"].append(raw_loop(network, images, labels, opts.batch_size, opts.steps))
                 if network == "cnn":  # what the CNNs' channels-last layout buys: the same loop in NCHW
                     r["nchw"].append(raw_loop(network, images, labels, opts.batch_size, opts.steps, contiguous=True))
+                if network == "cnn" and BF16:  # what bf16 autocast buys: the same loop in fp32
+                    r["fp32"].append(raw_loop(network, images, labels, opts.batch_size, opts.steps, bf16=False))
                 r["ours"].append(ours(network, data_dir, opts.batch_size, opts.steps, workdir))
                 if network == "mlp":
                     r["seed"].append(seed_recipe(network, files, seed_labels, opts.batch_size, workdir))
@@ -240,6 +247,8 @@ def main() -> None:
             line = f"  {network}: raw {m['raw']:,.0f}  ours {m['ours']:,.0f}  ours/raw {m['ours'] / m['raw']:.2f}"
             if "nchw" in m:
                 line += f"  raw NCHW {m['nchw']:,.0f} (channels-last {m['raw'] / m['nchw']:.2f}x)"
+            if "fp32" in m:
+                line += f"  raw fp32 {m['fp32']:,.0f} (bf16/fp32 {m['raw'] / m['fp32']:.2f}x)"
             if "seed" in m:
                 reader = "scikit-image" if IMREAD is not None else "PIL"
                 line += f"  seed ({reader}) {m['seed']:,.0f}  ours/seed {m['ours'] / m['seed']:.1f}"
@@ -268,7 +277,9 @@ def main() -> None:
               f"of training, test/acc {min(f['acc'] for f in fits):.4f}-{max(f['acc'] for f in fits):.4f}; "
               f"first step {first_step_ratio:.2f}x import pytorch_lightning; peak RSS {peak:.0f} MB")
     mlp, cnn = median["mlp"], median["cnn"]
+    bf16_ratio = cnn["raw"] / cnn["fp32"] if "fp32" in cnn else float("nan")
     print(f"ratio_vs_raw={cnn['ours'] / cnn['raw']:.3f} ratio_vs_seed={mlp['ours'] / mlp['seed']:.1f} "
+          f"bf16_vs_fp32={bf16_ratio:.2f} "
           f"time_to_99_s={t99:.1f} first_step_ratio={first_step_ratio:.2f} peak_rss_mb={peak:.0f}")
 
 

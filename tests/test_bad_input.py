@@ -71,6 +71,8 @@ class Evil(Callback):
         ({}, ["fit", "--data.task", "ternary"], ["data.task", "ternary"]),
         ({}, ["fit", "--model.optimizer.init_args.lr", "-0.1"], ["model.optimizer.init_args.lr=-0.1", "> 0"]),
         ({}, ["fit", "--trainer.max_epochs", "-5"], ["trainer.max_epochs=-5"]),
+        ({}, ["fit", "--trainer.precision", "bf16-mixed", "--trainer.gradient_clip_val", "1"],
+         ["trainer.gradient_clip_val=1", "fused=false"]),
         ({}, ["fit", "--model.network", "os.system"], ["model.network", "os.system"]),
         ({"evil.py": EVIL, "c.yaml": "trainer:\n  callbacks:\n    - class_path: evil.Evil\n"}, ["fit", "-c", "c.yaml"],
          ["trainer.callbacks", "refused to import 'evil'", "MNIST_DLOPS_TRUST=evil"]),

@@ -1,8 +1,8 @@
 """Diagnostics: what the model gets wrong, as pictures, in every tracker and in ``<run>/plots/``.
 
-At the end of validation (every ``every_n_epochs``) and of ``test``, from the stage's predicted probabilities: the
-confusion matrix (counts and normalized), ROC and precision-recall curves (one for the binary task, one per class
-otherwise) and a gallery of the most confidently misclassified digits. Each tracker gets them in its own form
+After a fit's last validation (or every ``every_n_epochs``), and at the end of ``validate`` and ``test``, from the
+stage's predicted probabilities: the confusion matrix (counts and normalized), ROC and precision-recall curves (one
+for the binary task, one per class otherwise) and a gallery of the most confidently misclassified digits. Each tracker gets them in its own form
 through what it offers: ``log_image(key, images, step)`` (TensorBoard, W&B, Neptune here), and
 ``log_classification(...)`` for native interactive plots (W&B). Every run also gets the PNG files.
 """
@@ -16,7 +16,9 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from PIL import Image
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from pytorch_lightning import Callback
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 from torchmetrics.functional.classification import (
     binary_auroc,
@@ -97,21 +99,27 @@ class _Collected:
 class Diagnostics(Callback):
     """Confusion matrix, ROC/PR curves and a gallery of mistakes after validation and test, for every tracker."""
 
-    def __init__(self, every_n_epochs: int = 1, gallery_size: int = 24, weight_histograms: bool = True) -> None:
+    def __init__(
+        self, every_n_epochs: Optional[PositiveInt] = None, gallery_size: NonNegativeInt = 24,
+        weight_histograms: bool = True,
+    ) -> None:
         """
         Args:
-            every_n_epochs: Plot validation results every this many epochs (``test`` is always plotted).
+            every_n_epochs: Plot validation results every this many epochs; null: once, from the fit's last
+                validation, whenever it ends (drawing costs about as much as a validation pass). ``test`` and
+                ``validate`` are always plotted.
             gallery_size: How many of the most confidently misclassified digits to show.
             weight_histograms: Also log a histogram of every parameter tensor at each training epoch's end, to the
                 trackers that show histograms (TensorBoard, W&B).
         """
-        if every_n_epochs < 1 or gallery_size < 0:
-            raise ValueError("Diagnostics: every_n_epochs must be >= 1 and gallery_size >= 0")
         self.every_n_epochs, self.gallery_size, self.weight_histograms = every_n_epochs, gallery_size, weight_histograms
         self._collected = _Collected()
+        self._last: Optional[tuple[_Collected, int, int]] = None  # the fit's last validation, not yet drawn
 
     def _due(self, trainer: pl.Trainer) -> bool:
-        return not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        if trainer.sanity_checking:
+            return False
+        return self.every_n_epochs is None or (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._collected = _Collected()
@@ -128,11 +136,20 @@ class Diagnostics(Callback):
     on_test_batch_end = on_validation_batch_end
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._due(trainer):
-            self._report(trainer, pl_module, "val")
+        if not self._due(trainer):
+            return
+        if self.every_n_epochs is None and trainer.state.fn == TrainerFn.FITTING:
+            self._last = (self._collected, trainer.current_epoch, trainer.global_step)  # drawn at on_train_end
+        else:
+            self._report(trainer, pl_module, "val", self._collected, trainer.current_epoch, trainer.global_step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._last is not None:
+            self._report(trainer, pl_module, "val", *self._last)
+            self._last = None
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._report(trainer, pl_module, "test")
+        self._report(trainer, pl_module, "test", self._collected, trainer.current_epoch, trainer.global_step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.weight_histograms or not trainer.is_global_zero:
@@ -141,8 +158,11 @@ class Diagnostics(Callback):
         for tracker in tracker_keys(trainer.loggers).values():
             tracker.log_histograms(weights, step=trainer.global_step)
 
-    def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        gathered = self._collected.gathered()
+    def _report(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, collected: _Collected, epoch: int,
+        step: int,
+    ) -> None:
+        gathered = collected.gathered()
         self._collected = _Collected()
         if gathered is None or not trainer.is_global_zero:
             return
@@ -160,10 +180,9 @@ class Diagnostics(Callback):
                 confidence[top].tolist(), class_names,
             ),
         }
-        step = trainer.global_step
         folder = Path(trainer.default_root_dir) / "plots" / stage
         folder.mkdir(parents=True, exist_ok=True)
-        prefix = f"epoch{trainer.current_epoch:02d}-" if stage == "val" else ""
+        prefix = f"epoch{epoch:02d}-" if stage == "val" else ""
         for name, fig in figures.items():
             # Drawn once: the trackers and the PNG file get the same pixels (a savefig would draw it all again).
             image = to_rgb(fig)

@@ -29,7 +29,7 @@ from mnist_dlops.module import MNISTModule
 from mnist_dlops.quiet import quiet, show
 from mnist_dlops.rundir.checkpoints import AtomicCheckpointIO, ResumeState, RunCheckpoint, load_checkpoint
 from mnist_dlops.rundir.folders import claim_run_dir, run_dir_of
-from mnist_dlops.rundir.record import RunConfigSaver
+from mnist_dlops.rundir.record import RunConfigSaver, default_precision
 from mnist_dlops.trackers.mlflow_store import allow_store_writes, runs_store
 from mnist_dlops.trust import check_classes
 from mnist_dlops.writeguard import GATE as WRITES
@@ -123,6 +123,10 @@ class MNISTCLI(LightningCLI):
                 "checkpoint.filename": "epoch{epoch:02d}-val_loss{val/loss:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
                 "trainer.max_epochs": 2,
+                # bf16 autocast (weights, optimizer and checkpoints stay fp32) where the hardware computes bf16 natively,
+                # fp32 elsewhere; the run's provenance records which (hardware.bf16). benchmarks/throughput.py measures
+                # the ratio.
+                "trainer.precision": default_precision(),
                 "model.optimizer": DEFAULT_OPTIMIZER,
                 # Confusion matrix, ROC/PR curves and a gallery of mistakes for every tracker, and hardware utilization
                 # (CPU, memory; GPU when present) logged like any metric. Replaced by a config's

@@ -85,6 +85,13 @@ def check_values(config: Namespace) -> None:
     lr = optimizer.get("init_args", Namespace()).get("lr") if isinstance(optimizer, Namespace) else None
     if isinstance(lr, (int, float)) and not lr > 0:
         raise ConfigError(f"model.optimizer.init_args.lr={lr}: must be > 0")
+    fused = isinstance(optimizer, Namespace) and optimizer.get("init_args", Namespace()).get("fused")
+    precision, clip = str(config.get("trainer.precision")), config.get("trainer.gradient_clip_val")
+    if clip and fused and "mixed" in precision:  # Lightning's mixed-precision plugin refuses it mid-run, traceback
+        raise ConfigError(
+            f"trainer.gradient_clip_val={clip}: Lightning cannot clip a fused optimizer's gradients under "
+            f"trainer.precision={precision}; add --model.optimizer.init_args.fused=false (or --trainer.precision=32-true)"
+        )
     epochs = config.get("trainer.max_epochs")
     if epochs is not None and (epochs == 0 or epochs < -1):
         raise ConfigError(f"trainer.max_epochs={epochs}: must be >= 1 (or -1 for no limit)")

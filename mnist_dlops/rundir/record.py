@@ -62,6 +62,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def bf16_supported() -> bool:
+    """Whether this machine computes bfloat16 natively: a CUDA GPU that does, or, without one, a CPU with
+    AVX512-BF16 (AMX includes it); elsewhere bf16 is emulated, slower than fp32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    # private: torch has no public query for the CPU's bf16 instructions; this is the one its own CPU backends use.
+    # A torch without it answers False (fp32), never an error.
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
+def default_precision() -> str:
+    """The default ``trainer.precision``: bf16 autocast with fp32 weights where bf16 is native, else fp32."""
+    return "bf16-mixed" if bf16_supported() else "32-true"
+
+
 def environment() -> dict[str, Any]:
     """Command line, versions and hardware of this process."""
     import lightning_fabric
@@ -85,6 +102,7 @@ def environment() -> dict[str, Any]:
             "cpu": cpu_model(),
             "cpu_cores": os.cpu_count(),
             "gpus": gpus,
+            "bf16": bf16_supported(),  # why the default trainer.precision is bf16-mixed here, or 32-true
             "os": platform.platform(),
         },
     }
