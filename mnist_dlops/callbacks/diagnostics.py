@@ -15,8 +15,8 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from PIL import Image
 from jsonargparse.typing import NonNegativeInt, PositiveInt
+from PIL import Image
 from pytorch_lightning import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
