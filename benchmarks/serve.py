@@ -34,10 +34,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mnist_dlops.cli.restore import resolve_ckpt  # noqa: E402
 from mnist_dlops.data.idx import IDX_FILES, find_idx, read_idx  # noqa: E402
 from mnist_dlops.data.images import decode_image  # noqa: E402
 from mnist_dlops.module import Probabilities, rebuild  # noqa: E402
+from mnist_dlops.rundir.run import resolve_ckpt  # noqa: E402
 
 
 def drawn_png(data_dir: Path) -> bytes:

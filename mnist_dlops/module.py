@@ -108,7 +108,7 @@ class MNISTModule(pl.LightningModule):
         (``mnist_dlops.trust``) before anything is built. Arguments given here override the checkpoint's."""
         from mnist_dlops.errors import CheckpointError, ConfigError
         from mnist_dlops.importguard import UntrustedImport, guarded_imports
-        from mnist_dlops.rundir.checkpoints import load_checkpoint
+        from mnist_dlops.rundir.run import load_checkpoint
         from mnist_dlops.trust import check_classes
         from mnist_dlops.writeguard import guarded_writes
 

@@ -225,7 +225,7 @@ def test_any_garbage_is_a_checkpoint_error(tmp_path: Path) -> None:
     """Random bytes make torch's unpickler fail in many ways (IndexError, KeyError, UnicodeDecodeError...): each one
     must be the one-line CheckpointError the CLI prints, never a traceback. 300 seeded garbage files, in-process."""
     from mnist_dlops.errors import CheckpointError
-    from mnist_dlops.rundir.checkpoints import load_checkpoint
+    from mnist_dlops.rundir.run import load_checkpoint
 
     rng = np.random.default_rng(0)
     for i in range(300):

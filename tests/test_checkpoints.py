@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,23 @@ def test_validate_from_the_checkpoint_alone_reproduces_the_fit_accuracy(binary_r
     assert fit_acc > 0.95
     saved = yaml.safe_load((binary_run / "lightning_logs/version_0/config.validate.yaml").read_text())
     assert saved["data"]["task"] == "binary" and saved["model"]["network"]["class_path"].endswith("MLP")
+
+
+def test_a_runs_best_is_read_from_its_summary_or_else_its_last_checkpoint(binary_run: Path, tmp_path: Path) -> None:
+    """checkpoints/best.json names the best; a run written before it existed (or with it damaged) is read from its
+    last.ckpt, with the same answer."""
+    from mnist_dlops.rundir.run import SUMMARY, read_best, resolve_ckpt
+
+    run = tmp_path / "lightning_logs" / "version_0"
+    shutil.copytree(binary_run / "lightning_logs" / "version_0", run)
+    best = read_best(run)
+    assert best.path == run / "checkpoints" / ckpt_of(binary_run).name
+    assert (best.monitor, best.mode) == ("val/loss", "min") and 0 < best.score < 1
+    (run / "checkpoints" / SUMMARY).unlink()
+    assert read_best(run) == best
+    (run / "checkpoints" / SUMMARY).write_text("{not json")
+    assert read_best(run) == best
+    assert resolve_ckpt("best", tmp_path / "lightning_logs") == best.path
 
 
 def test_print_config_shows_what_the_checkpoint_will_run(binary_run: Path) -> None:

@@ -27,9 +27,10 @@ from mnist_dlops.errors import USER_ERRNOS, ConfigError, invoked, one_line, user
 from mnist_dlops.importguard import guarded_imports
 from mnist_dlops.module import MNISTModule
 from mnist_dlops.quiet import quiet, show
-from mnist_dlops.rundir.checkpoints import AtomicCheckpointIO, ResumeState, RunCheckpoint, load_checkpoint
+from mnist_dlops.rundir.checkpoints import AtomicCheckpointIO, ResumeState, RunCheckpoint
 from mnist_dlops.rundir.folders import claim_run_dir, run_dir_of
 from mnist_dlops.rundir.record import RunConfigSaver, default_precision
+from mnist_dlops.rundir.run import load_checkpoint
 from mnist_dlops.trackers.mlflow_store import allow_store_writes, runs_store
 from mnist_dlops.trust import check_classes
 from mnist_dlops.writeguard import GATE as WRITES

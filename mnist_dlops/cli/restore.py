@@ -1,4 +1,5 @@
-"""``--ckpt_path``: find the checkpoint meant (``last``, ``best``, a run folder or a file) and restore its config.
+"""``--ckpt_path``: restore the config of the checkpoint meant (``last``, ``best``, a run folder or a file:
+``rundir.run.resolve_ckpt``).
 
 LightningCLI restores the model's arguments from a checkpoint after parsing, over the user's own flags, and not
 the data module's; ``--print_config`` shows the defaults. Here the checkpoint's configuration is put in front of
@@ -15,80 +16,10 @@ import yaml
 
 from mnist_dlops.cli import argv
 from mnist_dlops.cli.parser import check_yaml
-from mnist_dlops.errors import TRAINING, CheckpointError, ConfigError, invoked
-from mnist_dlops.rundir.checkpoints import STATE_KEY, load_checkpoint
-from mnist_dlops.rundir.folders import recorded_best, training_runs
+from mnist_dlops.errors import TRAINING, CheckpointError, ConfigError
+from mnist_dlops.rundir.checkpoints import STATE_KEY
+from mnist_dlops.rundir.run import load_checkpoint, resolve_ckpt
 from mnist_dlops.trust import check_classes
-
-
-def latest_run(runs_dir: Path) -> Path:
-    """The newest training run (highest ``version_N`` with a ``config.yaml``) under ``runs_dir``."""
-    runs = training_runs(runs_dir)
-    if not runs:
-        raise CheckpointError(f"{runs_dir}: no training run to take a checkpoint from (run `{invoked('fit')}` first)")
-    return runs[-1]
-
-
-def best_of(last: Path) -> Path:
-    """The best checkpoint recorded by the checkpoint callback in ``last`` (looked up next to it if moved)."""
-    best, found = recorded_best(load_checkpoint(last), last.parent)
-    if not best:
-        raise CheckpointError(f"{last}: records no best checkpoint (was it validated?); pass a .ckpt file instead")
-    if found is None:
-        raise CheckpointError(f"{last}: its best checkpoint {best} no longer exists")
-    return found
-
-
-def best_checkpoint(runs_dir: Path) -> tuple[Path, str]:
-    """The best checkpoint of every training run under ``runs_dir``, by the metric their checkpoints monitor, and
-    how it was chosen (``val/loss 0.0301, the best of 3 runs``).
-
-    Runs that monitor different metrics, or the same one in opposite directions, cannot be ranked together: that
-    is one line asking for a run folder or a file."""
-    ranked = []
-    for run in training_runs(runs_dir) or [latest_run(runs_dir)]:  # none: latest_run says so
-        last = run / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            continue
-        checkpoint = load_checkpoint(last)
-        state = next((s for s in checkpoint.get("callbacks", {}).values()
-                      if isinstance(s, dict) and s.get("best_model_score") is not None), None)
-        found = recorded_best(checkpoint, last.parent)[1]
-        if state is None or found is None:
-            continue
-        mode = ((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("checkpoint") or {}).get("mode", "min")
-        ranked.append(((state["monitor"], mode), float(state["best_model_score"]), found))
-    if not ranked:
-        raise CheckpointError(f"{runs_dir}: no training run with a best checkpoint (run `{invoked('fit')}` first)")
-    kinds = {kind for kind, _, _ in ranked}
-    if len(kinds) > 1:
-        raise CheckpointError(f"best: the runs under {runs_dir} monitor different metrics "
-                              f"({', '.join(sorted(f'{m} ({mode})' for m, mode in kinds))}); pass a run folder or a .ckpt file")
-    (monitor, mode), = kinds
-    score, path = (min if mode == "min" else max)((s, p) for _, s, p in ranked)
-    return path, f"{monitor} {score:.4f}, the best of {len(ranked)} run{'s' if len(ranked) > 1 else ''}"
-
-
-def resolve_ckpt(value: str, runs_dir: Path) -> Path:
-    """Turn ``best`` (the best checkpoint of all runs), ``last`` (the newest run's last.ckpt), a run folder or a
-    file path into the checkpoint file it means."""
-    if value == "best":
-        return best_checkpoint(runs_dir)[0]
-    if value == "last":
-        run = latest_run(runs_dir)
-    elif Path(value).is_dir() and (Path(value) / "checkpoints").is_dir():
-        run = Path(value)
-    else:
-        return Path(value)
-    return run_checkpoint(run)
-
-
-def run_checkpoint(run: Path, best: bool = False) -> Path:
-    """A run folder's ``last.ckpt``, or the best checkpoint it records."""
-    last = run / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        raise CheckpointError(f"{run}: nothing to resume or evaluate, it has no checkpoints/last.ckpt yet")
-    return best_of(last) if best else last
 
 
 def checkpoint_config(checkpoint: dict[str, Any], subcommand: str, path: Path) -> dict[str, Any]:

@@ -19,10 +19,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from mnist_dlops.cli.restore import resolve_ckpt
 from mnist_dlops.errors import ConfigError, command
 from mnist_dlops.module import MNISTModule, Probabilities, rebuild
 from mnist_dlops.rundir.folders import free_name, replacing
+from mnist_dlops.rundir.run import resolve_ckpt
 from mnist_dlops.serve.model import ExportFormat
 from mnist_dlops.serve.monitoring import Reference, training_reference
 

@@ -191,9 +191,9 @@ def register(
         runs_dir: Folder of the runs.
         tracking_uri: The MLflow store; default ``MLFLOW_TRACKING_URI``, else ``sqlite:///<runs_dir>/mlflow.db``.
     """
-    from mnist_dlops.cli.restore import resolve_ckpt, run_checkpoint  # the heavy part: only when registering
     from mnist_dlops.commands.export import export
     from mnist_dlops.module import rebuild
+    from mnist_dlops.rundir.run import resolve_ckpt, run_checkpoint  # the heavy part: only when registering
 
     if sweep:
         run = sweep_best(sweep, runs_dir, sweep_storage)

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, Optional
 import yaml
 
 from mnist_dlops.data.versions import version_label
-from mnist_dlops.errors import CheckpointError, ConfigError, DataError, UserError, command
-from mnist_dlops.rundir.checkpoints import load_checkpoint
-from mnist_dlops.rundir.folders import recorded_best, training_runs
+from mnist_dlops.errors import ConfigError, DataError, UserError, command
+from mnist_dlops.rundir.folders import training_runs
+from mnist_dlops.rundir.run import read_best
 from mnist_dlops.writeguard import allow_writes
 
 if TYPE_CHECKING:  # pandas is imported by the table's functions only: the CLI claims run folders without it
@@ -61,17 +61,9 @@ def short(value: Any) -> Optional[str]:
     return value.rsplit(".", 1)[-1] if isinstance(value, str) and "." in value else str(value)
 
 
-def best_checkpoint(run: Path) -> Optional[str]:
-    """The best checkpoint the run's checkpoint callback recorded (or its last ``epoch*.ckpt``)."""
+def _last_epoch_file(run: Path) -> Optional[str]:
+    """A run whose best checkpoint is unknown (an unreadable last.ckpt must not hide it): its last ``epoch*.ckpt``."""
     candidates = sorted((run / "checkpoints").glob("epoch*.ckpt"))
-    last = run / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        try:
-            _, found = recorded_best(load_checkpoint(last), last.parent)
-            if found is not None:
-                return str(found)
-        except CheckpointError:  # an unreadable last.ckpt must not hide the run: fall back to the file names
-            pass
     return str(candidates[-1]) if candidates else None
 
 
@@ -134,7 +126,8 @@ def run_row(run: Path) -> dict[str, object]:
             row[tag] = values.min() if "loss" in tag else values.max()
         elif tag.startswith("test/"):
             row[tag] = values.iloc[-1]
-    row["best_checkpoint"] = best_checkpoint(run)
+    best = read_best(run)
+    row["best_checkpoint"] = str(best.path) if best and best.path else _last_epoch_file(run)
     return row
 
 

@@ -1,17 +1,15 @@
 """Checkpoints: written atomically, saved periodically and on preemption, loaded as untrusted files, and what they
 keep beyond Lightning's own state to resume exactly (``ResumeState``, under ``STATE_KEY``).
 
-A checkpoint is only ever loaded with ``torch.load(weights_only=True)``: plain tensors and values, never code.
+Every checkpoint Lightning loads goes through ``rundir.run.load_checkpoint``: plain tensors and values, never code.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import pickle
 import random
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,42 +21,12 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from mnist_dlops.errors import CheckpointError, DivergedError
+from mnist_dlops.errors import DivergedError
+from mnist_dlops.rundir.run import load_checkpoint, write_summary
 from mnist_dlops.trackers.base import tracker_keys
 
 # Top-level key of this project's own entries in a checkpoint; every value under it is plain (weights_only-safe).
 STATE_KEY = "mnist_dlops"
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint as plain data (``weights_only=True``), with a one-line error for every kind of bad file."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: a folder holding no checkpoint (no checkpoints/last.ckpt); pass a run folder "
-                              "or a .ckpt file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: empty file (an interrupted copy or save?); use another checkpoint")
-    # torch.save writes a zip archive (data.pkl and the tensors): anything else is not a checkpoint at all.
-    if not zipfile.is_zipfile(path):
-        with open(path, "rb") as f:
-            if f.read(4) == b"PK\x03\x04":  # a zip's first entry, without the directory at its end: cut short
-                raise CheckpointError(f"{path}: truncated or corrupted checkpoint (the archive ends early)")
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch saves checkpoints as zip archives)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # A well-formed archive whose pickle names a class or function: weights_only refuses to import it.
-        raise CheckpointError(
-            f"{path}: holds Python objects that would run code when loaded; refusing to load it "
-            "(checkpoints of this project hold tensors and plain values only)"
-        ) from None
-    except Exception as err:  # noqa: BLE001 - garbage bytes make the unpickler fail in any way (IndexError, KeyError...)
-        raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({_first_line(err)})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict in it)")
-    return checkpoint
 
 
 def _read_umask() -> int:
@@ -70,10 +38,6 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -133,13 +97,15 @@ class RunCheckpoint(ModelCheckpoint):
             raise ValueError(f"checkpoint.last_every_n_train_steps={last_every_n_train_steps} must be >= 0")
         self.last_every_n_train_steps = last_every_n_train_steps
 
-    # private: ModelCheckpoint's one place every save goes through (best, top-k and last); no public hook before it.
+    # private: ModelCheckpoint's one place every save goes through (best, top-k and last); no public hook around it.
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         """Save, unless the weights are not finite: a diverged model never becomes ``best`` or ``last``."""
         bad = [name for name, p in trainer.lightning_module.named_parameters() if not torch.isfinite(p).all()]
         if bad:
             raise DivergedError(f"not saving {filepath}: non-finite weights in {', '.join(bad[:3])}")
         super()._save_checkpoint(trainer, filepath)
+        if trainer.is_global_zero:  # Lightning has set best_model_path/score by now: rundir.run reads them back
+            write_summary(Path(self.dirpath), self.monitor, self.mode, self.best_model_path, self.best_model_score)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Always the run's own folder: Lightning would otherwise nest it under the first logger's name and version.

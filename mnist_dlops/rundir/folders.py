@@ -9,7 +9,6 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
 
 from mnist_dlops.errors import ConfigError
 from mnist_dlops.writeguard import allow_writes
@@ -89,19 +88,6 @@ def training_runs(runs_dir: Path) -> list[Path]:
     """The run folders under ``runs_dir`` that hold a training config, in version order."""
     runs = [p for p in runs_dir.glob("version_*") if _VERSION.match(p.name) and (p / "config.yaml").is_file()]
     return sorted(runs, key=lambda p: int(_VERSION.match(p.name).group(1)))
-
-
-def recorded_best(last_checkpoint: dict[str, Any], folder: Path) -> tuple[Optional[str], Optional[Path]]:
-    """The best checkpoint the checkpoint callback recorded in a loaded ``last.ckpt``: (recorded path, existing file).
-
-    The file is looked up in ``folder`` (where last.ckpt is) first, so a moved run still finds it; None if gone.
-    """
-    states = last_checkpoint.get("callbacks", {}).values()
-    best = next((s["best_model_path"] for s in states if isinstance(s, dict) and s.get("best_model_path")), None)
-    if not best:
-        return None, None
-    found = next((c for c in (folder / Path(best).name, Path(best)) if c.is_file()), None)
-    return best, found
 
 
 def run_dir_of(ckpt_path: str | None) -> Path | None:

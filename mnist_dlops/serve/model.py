@@ -107,9 +107,9 @@ def is_torchscript(path: Path) -> bool:
 
 def from_checkpoint(ckpt_path: str, runs_dir: str = "lightning_logs") -> ServedModel:
     """A checkpoint (``best``/``last``, a run folder, or a file), checked as every entry point checks one."""
-    from mnist_dlops.cli.restore import resolve_ckpt
     from mnist_dlops.module import Probabilities, rebuild
     from mnist_dlops.rundir.record import run_data
+    from mnist_dlops.rundir.run import resolve_ckpt
     from mnist_dlops.serve.monitoring import training_reference
 
     path = resolve_ckpt(ckpt_path, Path(runs_dir)).resolve()

@@ -209,7 +209,8 @@ def training_reference(path: Path, model: Any, n: int = 10_000) -> Optional[Refe
     from mnist_dlops.data import MNISTDataModule
     from mnist_dlops.data.versions import version_label
     from mnist_dlops.errors import UserError
-    from mnist_dlops.rundir.checkpoints import STATE_KEY, load_checkpoint
+    from mnist_dlops.rundir.checkpoints import STATE_KEY
+    from mnist_dlops.rundir.run import load_checkpoint
 
     config = yaml.safe_load(load_checkpoint(path).get(STATE_KEY, {}).get("config") or "{}") or {}
     try:

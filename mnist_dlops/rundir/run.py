@@ -1,0 +1,166 @@
+"""Which checkpoint a run means (the newest run, a run's last and best checkpoints, the best of all runs), and
+reading one as untrusted data: ``torch.load(weights_only=True)``, plain tensors and values, never code.
+
+At every save, a run's checkpoint callback writes ``checkpoints/best.json``: the metric it monitors, in which
+direction, its best checkpoint and that checkpoint's score. "Best" is read from that small file, so ranking many
+runs loads no checkpoint; a run written before the file existed is read from its ``last.ckpt`` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+import yaml
+
+from mnist_dlops.errors import CheckpointError, invoked, one_line
+from mnist_dlops.rundir.folders import training_runs, write_atomic
+
+SUMMARY = "best.json"  # in the run's checkpoints/ folder
+
+
+class Best(NamedTuple):
+    """A run's best checkpoint as its checkpoint callback recorded it."""
+
+    monitor: Optional[str]
+    mode: str  # "min" or "max"
+    score: Optional[float]
+    recorded: Optional[str]  # the name of the file the callback recorded (None: it never saved a best)
+    path: Optional[Path]  # that file, if it still exists (looked up beside last.ckpt first, so a moved run finds it)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint as plain data (``weights_only=True``), with a one-line error for every kind of bad file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder holding no checkpoint (no checkpoints/last.ckpt); pass a run folder "
+                              "or a .ckpt file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (an interrupted copy or save?); use another checkpoint")
+    # torch.save writes a zip archive (data.pkl and the tensors): anything else is not a checkpoint at all.
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":  # a zip's first entry, without the directory at its end: cut short
+                raise CheckpointError(f"{path}: truncated or corrupted checkpoint (the archive ends early)")
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch saves checkpoints as zip archives)")
+    import torch  # here, not at import: reading a run's summary needs no torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # A well-formed archive whose pickle names a class or function: weights_only refuses to import it.
+        raise CheckpointError(
+            f"{path}: holds Python objects that would run code when loaded; refusing to load it "
+            "(checkpoints of this project hold tensors and plain values only)"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - garbage bytes make the unpickler fail in any way (IndexError, KeyError...)
+        why = one_line(str(err), 200) or type(err).__name__
+        raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({why})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict in it)")
+    return checkpoint
+
+
+def write_summary(folder: Path, monitor: Optional[str], mode: str, best: str, score: Any) -> None:
+    """Record the run's best checkpoint in ``folder`` (its checkpoints/), for ``read_best``."""
+    summary = {"monitor": monitor, "mode": mode, "best": Path(best).name if best else None,
+               "score": None if score is None else float(score)}
+    write_atomic(folder / SUMMARY, json.dumps(summary, indent=1) + "\n")
+
+
+def _from_last_checkpoint(run: Path) -> Optional[Best]:
+    """A run without a summary (written before it existed): what its last.ckpt's checkpoint callback recorded."""
+    last = run / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return None
+    states = [s for s in load_checkpoint(last).get("callbacks", {}).values() if isinstance(s, dict)]
+    state = next((s for s in states if s.get("best_model_path")), {})
+    config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    mode = ((config or {}).get("checkpoint") or {}).get("mode", "min")
+    score = state.get("best_model_score")
+    best = state.get("best_model_path")
+    name = Path(best).name if best else None
+    return Best(state.get("monitor"), mode, None if score is None else float(score), name, _existing(run, best))
+
+
+def _existing(run: Path, recorded: Optional[str]) -> Optional[Path]:
+    if not recorded:
+        return None
+    return next((c for c in (run / "checkpoints" / Path(recorded).name, Path(recorded)) if c.is_file()), None)
+
+
+def read_best(run: Path) -> Optional[Best]:
+    """The run's best checkpoint, from its summary (or, for an older run, its last.ckpt); None without either."""
+    try:
+        summary = json.loads((run / "checkpoints" / SUMMARY).read_text())
+        return Best(summary["monitor"], summary["mode"], summary["score"], summary["best"],
+                    _existing(run, summary["best"]))
+    except FileNotFoundError:
+        return _from_last_checkpoint(run)
+    except (OSError, ValueError, KeyError, TypeError):  # a damaged summary: the checkpoint still knows
+        return _from_last_checkpoint(run)
+
+
+def latest_run(runs_dir: Path) -> Path:
+    """The newest training run (highest ``version_N`` with a ``config.yaml``) under ``runs_dir``."""
+    runs = training_runs(runs_dir)
+    if not runs:
+        raise CheckpointError(f"{runs_dir}: no training run to take a checkpoint from (run `{invoked('fit')}` first)")
+    return runs[-1]
+
+
+def run_checkpoint(run: Path, best: bool = False) -> Path:
+    """A run folder's ``last.ckpt``, or the best checkpoint it records."""
+    last = run / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise CheckpointError(f"{run}: nothing to resume or evaluate, it has no checkpoints/last.ckpt yet")
+    if not best:
+        return last
+    found = read_best(run)
+    if found is None or not found.recorded:
+        raise CheckpointError(f"{last}: records no best checkpoint (was it validated?); pass a .ckpt file instead")
+    if found.path is None:
+        raise CheckpointError(f"{last}: its best checkpoint {found.recorded} no longer exists")
+    return found.path
+
+
+def best_checkpoint(runs_dir: Path) -> tuple[Path, str]:
+    """The best checkpoint of every training run under ``runs_dir``, by the metric their checkpoints monitor, and
+    how it was chosen (``val/loss 0.0301, the best of 3 runs``).
+
+    Runs that monitor different metrics, or the same one in opposite directions, cannot be ranked together: that
+    is one line asking for a run folder or a file."""
+    ranked = []
+    for run in training_runs(runs_dir) or [latest_run(runs_dir)]:  # none: latest_run says so
+        best = read_best(run)
+        if best is not None and best.score is not None and best.path is not None:
+            ranked.append(((best.monitor, best.mode), best.score, best.path))
+    if not ranked:
+        raise CheckpointError(f"{runs_dir}: no training run with a best checkpoint (run `{invoked('fit')}` first)")
+    kinds = {kind for kind, _, _ in ranked}
+    if len(kinds) > 1:
+        metrics = ", ".join(sorted(f"{m} ({mode})" for m, mode in kinds))
+        raise CheckpointError(f"best: the runs under {runs_dir} monitor different metrics ({metrics}); pass a run "
+                              "folder or a .ckpt file")
+    (monitor, mode), = kinds
+    score, path = (min if mode == "min" else max)((s, p) for _, s, p in ranked)
+    return path, f"{monitor} {score:.4f}, the best of {len(ranked)} run{'s' if len(ranked) > 1 else ''}"
+
+
+def resolve_ckpt(value: str, runs_dir: Path) -> Path:
+    """Turn ``best`` (the best checkpoint of all runs), ``last`` (the newest run's last.ckpt), a run folder or a
+    file path into the checkpoint file it means."""
+    if value == "best":
+        return best_checkpoint(runs_dir)[0]
+    if value == "last":
+        run = latest_run(runs_dir)
+    elif Path(value).is_dir() and (Path(value) / "checkpoints").is_dir():
+        run = Path(value)
+    else:
+        return Path(value)
+    return run_checkpoint(run)
