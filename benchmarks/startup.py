@@ -61,7 +61,8 @@ def scratch(folder: Path, command: list[str]) -> None:
     subprocess.run([dvc, "remote", "add", "-d", "local", str(folder / "remote")], cwd=folder, check=True)
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     subprocess.run([*git, "commit", "-qam", "dvc init"], cwd=folder, check=True)
-    added = subprocess.run([*command, "datasets", "add", "data", "--tag", "v1"], cwd=folder, capture_output=True, text=True)
+    added = subprocess.run([*command, "datasets", "add", "data", "--tag", "v1"], cwd=folder, capture_output=True,
+                           text=True)
     if added.returncode != 0:
         raise SystemExit(f"datasets add failed:\n{added.stderr[-2000:]}")
 

@@ -17,7 +17,8 @@ optimizer, schedule and data, and reported as medians, so that a busy machine sl
 Then the default config itself, once per seed (``--seeds``): training seconds (Timer: train, validation included)
 and test accuracy, seconds from process start to the first training step, and the peak and per-epoch resident
 memory (``probe.Probe``); and ``python cli.py --help`` against ``python -c "import pytorch_lightning"``. The last
-line is machine-readable: ``ratio_vs_raw=<x> ratio_vs_seed=<y> bf16_vs_fp32=<b> time_to_99_s=<z> first_step_ratio=<r> peak_rss_mb=<m>``.
+line is machine-readable: ``ratio_vs_raw=<x> ratio_vs_seed=<y> bf16_vs_fp32=<b> time_to_99_s=<z>
+first_step_ratio=<r> peak_rss_mb=<m>``.
 """
 
 from __future__ import annotations
