@@ -22,13 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mnist_dlops.data.idx import IDX_FILES, find_idx, read_idx  # noqa: E402
-from mnist_dlops.module import Probabilities, rebuild  # noqa: E402
-from mnist_dlops.rundir.run import resolve_ckpt  # noqa: E402
-from mnist_dlops.serve.monitoring import (  # noqa: E402
+from mnist_dlops.model.reference import (  # noqa: E402
     STATISTICS,
     image_statistics,
     training_reference,  # noqa: E402
 )
+from mnist_dlops.module import Probabilities, rebuild  # noqa: E402
+from mnist_dlops.rundir.run import resolve_ckpt  # noqa: E402
 
 
 def shifted(images: np.ndarray, pixels: int) -> np.ndarray:

@@ -24,7 +24,7 @@ from mnist_dlops import errors  # noqa: E402
 
 # command: (module whose main(argv) runs it, what it does); fit/validate/test/predict go to LightningCLI.
 COMMANDS = {
-    "sweep": ("mnist_dlops.commands.sweep", "an Optuna study of trials, each a fit run"),
+    "sweep": ("mnist_dlops.cli.sweep", "an Optuna study of trials, each a fit run"),
     "runs": ("mnist_dlops.commands.runs", "the table of training runs"),
     "export": ("mnist_dlops.commands.export", "a checkpoint as TorchScript or ONNX"),
     "registry": ("mnist_dlops.commands.registry", "register, alias, list and promote models in MLflow"),

@@ -28,7 +28,7 @@ def test_a_checkpoint_from_before_the_redesign_evaluates_loads_and_serves(tmp_pa
     assert "test/acc" in result.stdout
     model = MNISTModule.load_from_checkpoint(OLD_CHECKPOINT, weights_only=True)
     assert model.network.__class__.__name__ == "MLP"
-    from mnist_dlops.serve.model import resolve
+    from mnist_dlops.model.served import resolve
 
     served = resolve(None, str(OLD_CHECKPOINT))
     probabilities = served.load()(torch.zeros(3, 1, 28, 28, dtype=torch.uint8))

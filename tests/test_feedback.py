@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import make_idx_set
 
-from mnist_dlops.serve.feedback import FeedbackStore, export, sign, verify
+from mnist_dlops.feedback import FeedbackStore, export, sign, verify
 
 SECRET = bytes(range(32))
 

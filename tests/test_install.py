@@ -38,7 +38,7 @@ def test_importing_the_package_loads_none_of_its_commands() -> None:
     """``mnist-dlops <command>`` runs a module the package itself has not imported yet (else Python warns
     that it was found in sys.modules and runs a second copy of it)."""
     commands = ["mnist_dlops.cli", "mnist_dlops.commands.runs", "mnist_dlops.commands.export",
-                "mnist_dlops.commands.registry", "mnist_dlops.commands.sweep", "mnist_dlops.serve.command"]
+                "mnist_dlops.commands.registry", "mnist_dlops.cli.sweep", "mnist_dlops.serve.command"]
     code = f"import sys, mnist_dlops\nprint('LOADED', [m for m in {commands!r} if m in sys.modules])\n"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "LOADED []" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]

@@ -18,7 +18,7 @@ import yaml
 from conftest import REPO, free_port
 
 from mnist_dlops.data.idx import IDX_FILES, find_idx, read_idx
-from mnist_dlops.serve.monitoring import STATISTICS, Reference, image_statistics
+from mnist_dlops.model.reference import STATISTICS, Reference, image_statistics
 
 MONITORING = REPO / "monitoring"
 

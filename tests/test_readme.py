@@ -107,7 +107,7 @@ def test_the_readmes_data_versions_and_closing_loop_on_a_fresh_clone(tmp_path: P
 
     from mnist_dlops.data.download import MD5
     from mnist_dlops.data.idx import IDX_FILES, find_idx, read_idx
-    from mnist_dlops.serve.feedback import FeedbackStore
+    from mnist_dlops.feedback import FeedbackStore
 
     clone = tmp_path / "work" / "mnist-dlops"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)

@@ -118,7 +118,7 @@ def test_an_onnx_version_gives_the_same_probabilities(lab: Path, mnist_dir: Path
 
 @pytest.mark.slow  # a sweep of two trials: in `pytest -m slow` and CI
 def test_a_sweeps_best_trial_in_one_command(lab: Path, mnist_dir: Path) -> None:
-    from mnist_dlops.commands.sweep import sweep
+    from mnist_dlops.cli.sweep import sweep
 
     study = sweep(study_name="s", n_trials=2, objective="val/acc", direction="maximize",
                   fixed={"trainer.max_epochs": 1}, trial_args=["--data.data_dir", str(mnist_dir), *FIT],

@@ -291,7 +291,7 @@ def test_a_checkpoints_stored_names_never_import(trained: Path, capsys: pytest.C
     """Through every entry point that reads a checkpoint: test, validate, predict, fit-resume, export, register,
     serve's loader and ``load_from_checkpoint``."""
     from mnist_dlops.commands.registry import register
-    from mnist_dlops.serve.model import resolve
+    from mnist_dlops.model.served import resolve
 
     lab = trained.parents[3]
     (lab / "net_evil.yaml").write_text("class_path: evil_mod.Net\n")
@@ -319,8 +319,8 @@ DATABASE_URLS = ["mysql://user:s3cret@127.0.0.1/db", "mysql+mysqldb://user:s3cre
 def test_a_database_url_never_imports_a_planted_driver(lab: Path, capsys: pytest.CaptureFixture, url: str) -> None:
     """SQLAlchemy imports a URL's driver by module name (``MySQLdb``): only the drivers we ship are accepted, and
     the password never reaches the message."""
+    from mnist_dlops.cli.sweep import main as sweep_main
     from mnist_dlops.commands.registry import main as registry_main
-    from mnist_dlops.commands.sweep import main as sweep_main
 
     for driver in ("MySQLdb", "pyodbc"):
         (lab / f"{driver}.py").write_text(EVIL_MODULE)
@@ -420,7 +420,7 @@ def test_a_folder_in_a_checkpoint_name_stays_in_the_run(lab: Path, sentinel: Pat
 
 
 def test_a_study_name_is_one_folder_inside_the_runs(lab: Path, sentinel: Path, capsys: pytest.CaptureFixture) -> None:
-    from mnist_dlops.commands.sweep import main as sweep_main
+    from mnist_dlops.cli.sweep import main as sweep_main
 
     before = tree_digest(lab)
     for name in ("../../outside/trav", "../outside", "", "a/b", "/abs"):
@@ -494,8 +494,8 @@ def test_no_upload_gets_a_5xx_and_its_batch_neighbours_are_answered(trained: Pat
     each answered 200 or 4xx, never an exception; the good ones all 200. JSON bodies through the upload middleware."""
     import base64
 
+    from mnist_dlops.model.served import resolve
     from mnist_dlops.serve.api import DigitAPI, _json_body
-    from mnist_dlops.serve.model import resolve
 
     api = DigitAPI(resolve(None, str(trained), str(trained.parents[2])), max_batch_size=8)
     api.setup("cpu")
@@ -520,7 +520,7 @@ def test_no_upload_gets_a_5xx_and_its_batch_neighbours_are_answered(trained: Pat
 
 def test_a_sweep_file_cannot_import_a_planted_module(nested: Path, capsys: pytest.CaptureFixture) -> None:
     """Through a sweep's base configs, its fixed values and a categorical choice, each naming a nested file."""
-    from mnist_dlops.commands.sweep import main as sweep_main
+    from mnist_dlops.cli.sweep import main as sweep_main
 
     lr = {"model.optimizer.init_args.lr": {"type": "float", "low": 1e-3, "high": 1e-2}}
     attempts = [

@@ -33,8 +33,8 @@ from mnist_dlops.commands.export import export
 from mnist_dlops.commands.registry import register
 from mnist_dlops.data.idx import IDX_FILES, find_idx, read_idx
 from mnist_dlops.errors import CheckpointError
+from mnist_dlops.model.served import check, resolve
 from mnist_dlops.module import rebuild
-from mnist_dlops.serve.model import check, resolve
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts"

@@ -16,8 +16,8 @@ from conftest import REPO
 from optuna.trial import TrialState
 
 from mnist_dlops.cli.app import run
+from mnist_dlops.cli.sweep import main, sweep
 from mnist_dlops.commands.runs import runs
-from mnist_dlops.commands.sweep import main, sweep
 
 SLICE = ["--trainer.limit_train_batches", "12", "--trainer.limit_val_batches", "4", "--data.val_size", "2000",
          "--trainer.enable_model_summary", "false", "--trainer.callbacks", "[]"]

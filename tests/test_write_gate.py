@@ -146,7 +146,7 @@ def test_a_data_version_is_never_an_option(lab: Path, capsys: pytest.CaptureFixt
 
 
 def test_a_sweep_files_journal_storage_is_refused(lab: Path, capsys: pytest.CaptureFixture) -> None:
-    from mnist_dlops.commands.sweep import main as sweep_main
+    from mnist_dlops.cli.sweep import main as sweep_main
 
     before = digest(lab / "outside")
     (lab / "sweep.yaml").write_text(yaml.safe_dump({
@@ -161,7 +161,7 @@ def test_a_sweep_files_journal_storage_is_refused(lab: Path, capsys: pytest.Capt
 
 def test_feedback_labels_never_name_a_folder(lab: Path, capsys: pytest.CaptureFixture) -> None:
     from mnist_dlops.commands.datasets import main as datasets_main
-    from mnist_dlops.serve.feedback import FeedbackStore
+    from mnist_dlops.feedback import FeedbackStore
 
     with user_errors():
         store = FeedbackStore(f"sqlite:///{lab / 'foreign.db'}")

@@ -33,7 +33,7 @@ from torchmetrics.functional.classification import (
 )
 
 from mnist_dlops.callbacks.plots import Curve, confusion_figure, curves_figure, gallery_figure, to_rgb
-from mnist_dlops.rundir.folders import free_name
+from mnist_dlops.files import free_name
 from mnist_dlops.trackers.base import tracker_keys
 
 

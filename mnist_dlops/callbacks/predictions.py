@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 
-from mnist_dlops.rundir.folders import free_name
+from mnist_dlops.files import free_name
 
 
 class PredictionCSV(BasePredictionWriter):

@@ -1,2 +1,2 @@
-"""Commands beside fit/validate/test/predict, one module each: ``runs``, ``export``, ``sweep``, ``registry`` (with its
-promotion gate in ``promote``) and ``datasets``: ``mnist-dlops <command>``."""
+"""Commands beside training, one module each: ``runs``, ``export``, ``registry`` (with its promotion gate in
+``promote``) and ``datasets``: ``mnist-dlops <command>``. (``sweep`` drives training: ``cli/sweep.py``.)"""

@@ -27,7 +27,7 @@ import yaml
 from mnist_dlops.data.idx import IDX_FILES, find_idx, read_idx_set, write_idx, write_idx_set
 from mnist_dlops.data.versions import repo_root, workspace_version
 from mnist_dlops.errors import ConfigError, DataError, UserError, command, invoked
-from mnist_dlops.rundir.folders import replacing
+from mnist_dlops.files import replacing
 from mnist_dlops.writeguard import allow_writes
 
 
@@ -227,7 +227,7 @@ def feedback(out: str = "data/feedback", url: Optional[str] = None, holdout: flo
         tag: Record the folder as a DVC data version with this git tag (``datasets add``); none: only written.
         runs_dir: Folder of the runs (for the default store).
     """
-    from mnist_dlops.serve.feedback import export
+    from mnist_dlops.feedback import export
 
     counts = export(url or f"sqlite:///{Path(runs_dir).resolve() / 'feedback.db'}", out, holdout)
     print(f"{counts['items']} feedback items, {counts['distinct']} distinct images: {counts['train']} in "

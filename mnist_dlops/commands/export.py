@@ -20,11 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from mnist_dlops.errors import ConfigError, command
+from mnist_dlops.files import free_name, replacing
+from mnist_dlops.model.reference import Reference, training_reference
+from mnist_dlops.model.served import ExportFormat
 from mnist_dlops.module import MNISTModule, Probabilities, rebuild
-from mnist_dlops.rundir.folders import free_name, replacing
 from mnist_dlops.rundir.run import resolve_ckpt
-from mnist_dlops.serve.model import ExportFormat
-from mnist_dlops.serve.monitoring import Reference, training_reference
 
 
 def sample_images(n: int = 256) -> Tensor:

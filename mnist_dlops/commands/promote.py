@@ -107,7 +107,7 @@ def promote(
     """
     from mlflow.exceptions import MlflowException
 
-    from mnist_dlops.serve.model import check, from_registry
+    from mnist_dlops.model.served import check, from_registry
     from mnist_dlops.trackers.mlflow_store import check_name, open_client, store
 
     if tolerance < 0 or not 0 <= floor <= 1:

@@ -31,8 +31,8 @@ from typing import Any, Optional
 
 from mnist_dlops.data.versions import version_label
 from mnist_dlops.errors import ConfigError, command, invoked
-from mnist_dlops.serve.model import ExportFormat as Format
-from mnist_dlops.serve.monitoring import REFERENCE_FILE
+from mnist_dlops.model.reference import REFERENCE_FILE
+from mnist_dlops.model.served import ExportFormat as Format
 from mnist_dlops.trackers.mlflow_store import (
     RUN_ID_FILE,
     artifact_root,
@@ -43,36 +43,10 @@ from mnist_dlops.trackers.mlflow_store import (
     store_errors,
     store_uri,
 )
-from mnist_dlops.trust import check_url, redact
-from mnist_dlops.writeguard import allow_writes
 
 EXPERIMENT = "mnist-dlops"
 # Model version tags that `list` shows, besides the run and the data fingerprint.
 SHOWN_METRICS = ("val/acc", "val/loss", "test/acc")
-
-
-def sweep_best(study: str, runs_dir: str, storage: Optional[str] = None) -> Path:
-    """The run folder of a sweep's best trial, from its Optuna study."""
-    import optuna
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from mnist_dlops.commands.sweep import study_storage
-
-    storage = check_url("sweep_storage", storage or study_storage(runs_dir, study))
-    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
-        raise ConfigError(f"sweep={study}: no study at {storage} (run the sweep first, or pass --sweep_storage)")
-    if storage.startswith("sqlite:///"):  # Optuna opens a study's database to read it, and may update its schema
-        allow_writes(storage.removeprefix("sqlite:///"), "the study's storage")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        best = optuna.load_study(study_name=study, storage=storage).best_trial
-    except (KeyError, ValueError) as err:  # no such study in the storage / no complete trial yet
-        raise ConfigError(f"sweep={study}: {err}") from None
-    except SQLAlchemyError as err:  # not a study database (a corrupt or foreign file)
-        raise ConfigError(f"sweep_storage={redact(storage)}: cannot be read as an Optuna study ({type(err).__name__})") from None
-    if "run_dir" not in best.user_attrs:
-        raise ConfigError(f"sweep={study}: its best trial records no run folder (not a study of this project's sweep)")
-    return Path(best.user_attrs["run_dir"])
 
 
 def _run_record(run_dir: Path) -> tuple[dict[str, Any], dict[str, float]]:
@@ -191,9 +165,9 @@ def register(
         runs_dir: Folder of the runs.
         tracking_uri: The MLflow store; default ``MLFLOW_TRACKING_URI``, else ``sqlite:///<runs_dir>/mlflow.db``.
     """
-    from mnist_dlops.commands.export import export
+    from mnist_dlops.commands.export import export  # the heavy part (torch): only when registering
     from mnist_dlops.module import rebuild
-    from mnist_dlops.rundir.run import resolve_ckpt, run_checkpoint  # the heavy part: only when registering
+    from mnist_dlops.rundir.run import resolve_ckpt, run_checkpoint, sweep_best
 
     if sweep:
         run = sweep_best(sweep, runs_dir, sweep_storage)

@@ -16,14 +16,14 @@ import operator
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import yaml
 
 from mnist_dlops.data.versions import version_label
 from mnist_dlops.errors import ConfigError, DataError, UserError, command
 from mnist_dlops.rundir.folders import training_runs
-from mnist_dlops.rundir.run import read_best
+from mnist_dlops.rundir.run import read_best, short
 from mnist_dlops.writeguard import allow_writes
 
 if TYPE_CHECKING:  # pandas is imported by the table's functions only: the CLI claims run folders without it
@@ -50,15 +50,6 @@ def history(run: Path) -> pd.DataFrame:
         rows = [(tag, e.step, e.value) for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)]
         return pd.DataFrame(rows, columns=["tag", "step", "value"])
     return pd.DataFrame(columns=["tag", "step", "value"])
-
-
-def short(value: Any) -> Optional[str]:
-    """A value as the runs table and the sweep's report show it: a class path by its name, a float to 3 digits."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return value.rsplit(".", 1)[-1] if isinstance(value, str) and "." in value else str(value)
 
 
 def _last_epoch_file(run: Path) -> Optional[str]:

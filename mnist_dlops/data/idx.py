@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # the tensors are for training: `datasets` reads and writes I
     import torch
 
 from mnist_dlops.errors import DataError
-from mnist_dlops.rundir.folders import replacing
+from mnist_dlops.files import replacing
 
 # File stems of the official MNIST release, per split, in (images, labels) order.
 IDX_FILES: dict[str, tuple[str, str]] = {

@@ -25,8 +25,8 @@ import yaml
 from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.trainer.states import TrainerFn
 
+from mnist_dlops.files import free_name, write_atomic
 from mnist_dlops.rundir.checkpoints import STATE_KEY
-from mnist_dlops.rundir.folders import free_name, write_atomic
 from mnist_dlops.trackers.base import Tracker, tracker_keys
 
 

@@ -1,5 +1,6 @@
-"""Which checkpoint a run means (the newest run, a run's last and best checkpoints, the best of all runs), and
-reading one as untrusted data: ``torch.load(weights_only=True)``, plain tensors and values, never code.
+"""Which checkpoint a run means (the newest run, a run's last and best checkpoints, the best of all runs, a sweep's
+best trial), reading one as untrusted data (``torch.load(weights_only=True)``: plain tensors and values, never
+code), and how the runs table and a sweep's report show a recorded value.
 
 At every save, a run's checkpoint callback writes ``checkpoints/best.json``: the metric it monitors, in which
 direction, its best checkpoint and that checkpoint's score. "Best" is read from that small file, so ranking many
@@ -16,8 +17,11 @@ from typing import Any, NamedTuple, Optional
 
 import yaml
 
-from mnist_dlops.errors import CheckpointError, invoked, one_line
-from mnist_dlops.rundir.folders import training_runs, write_atomic
+from mnist_dlops.errors import CheckpointError, ConfigError, invoked, one_line
+from mnist_dlops.files import write_atomic
+from mnist_dlops.rundir.folders import training_runs
+from mnist_dlops.trust import check_url, redact
+from mnist_dlops.writeguard import allow_writes
 
 SUMMARY = "best.json"  # in the run's checkpoints/ folder
 
@@ -164,3 +168,39 @@ def resolve_ckpt(value: str, runs_dir: Path) -> Path:
     else:
         return Path(value)
     return run_checkpoint(run)
+
+
+def study_storage(runs_dir: str, study_name: str) -> str:
+    """A study's default storage: its own SQLite file in its folder (the registry finds a sweep's best trial there)."""
+    return f"sqlite:///{Path(runs_dir) / 'sweeps' / study_name / 'study.db'}"
+
+
+def sweep_best(study: str, runs_dir: str, storage: Optional[str] = None) -> Path:
+    """The run folder of a sweep's best trial, from its Optuna study."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    storage = check_url("sweep_storage", storage or study_storage(runs_dir, study))
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"sweep={study}: no study at {storage} (run the sweep first, or pass --sweep_storage)")
+    if storage.startswith("sqlite:///"):  # Optuna opens a study's database to read it, and may update its schema
+        allow_writes(storage.removeprefix("sqlite:///"), "the study's storage")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        best = optuna.load_study(study_name=study, storage=storage).best_trial
+    except (KeyError, ValueError) as err:  # no such study in the storage / no complete trial yet
+        raise ConfigError(f"sweep={study}: {err}") from None
+    except SQLAlchemyError as err:  # not a study database (a corrupt or foreign file)
+        raise ConfigError(f"sweep_storage={redact(storage)}: cannot be read as an Optuna study ({type(err).__name__})") from None
+    if "run_dir" not in best.user_attrs:
+        raise ConfigError(f"sweep={study}: its best trial records no run folder (not a study of this project's sweep)")
+    return Path(best.user_attrs["run_dir"])
+
+
+def short(value: Any) -> Optional[str]:
+    """A value as the runs table and the sweep's report show it: a class path by its name, a float to 3 digits."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return value.rsplit(".", 1)[-1] if isinstance(value, str) and "." in value else str(value)

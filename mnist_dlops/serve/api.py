@@ -31,8 +31,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mnist_dlops.data.images import ImageTooLarge, decode_image
 from mnist_dlops.errors import DataError
-from mnist_dlops.serve.feedback import FeedbackStore, RateLimit, sign, verify
-from mnist_dlops.serve.model import ServedModel, discard, promoted
+from mnist_dlops.feedback import FeedbackStore, RateLimit, sign, verify
+from mnist_dlops.model.served import ServedModel, discard, promoted
 from mnist_dlops.serve.monitoring import Metrics, RequestMetrics, exposition
 
 MAX_IMAGES = 256  # images in one JSON batch

@@ -100,7 +100,7 @@ def serve(
         key, value = ("feedback_per_minute", feedback_per_minute) if feedback_per_minute < 1 else (
             "reload_interval", reload_interval)
         raise ConfigError(f"{key}={value}: must be {'>= 1' if key == 'feedback_per_minute' else '>= 0'}")
-    from mnist_dlops.serve.model import DOWNLOADS_ENV, check, resolve  # prometheus_client is not imported by it
+    from mnist_dlops.model.served import DOWNLOADS_ENV, check, resolve  # prometheus_client is not imported by it
 
     with metrics_folder() if monitor else contextlib.nullcontext(), \
             temporary_folder(DOWNLOADS_ENV, "mnist-dlops-serve-"):  # registered versions downloaded, all processes
@@ -110,7 +110,7 @@ def serve(
         check(served)
         store, secret = None, b""
         if feedback:
-            from mnist_dlops.serve.feedback import FeedbackStore, load_secret
+            from mnist_dlops.feedback import FeedbackStore, load_secret
 
             store = FeedbackStore(feedback_url or f"sqlite:///{Path(runs_dir).resolve() / 'feedback.db'}")
             secret = load_secret(Path(runs_dir))

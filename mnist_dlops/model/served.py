@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # torch loads with the model, not with the commands that only
 import yaml
 
 from mnist_dlops.errors import CheckpointError, ConfigError, invoked
-from mnist_dlops.serve.monitoring import Reference
+from mnist_dlops.model.reference import Reference
 
 ExportFormat = Literal["torchscript", "onnx"]  # the export formats, as export, the registry and the server name them
 Format = Literal["checkpoint", ExportFormat]  # what is served: a checkpoint, or an export
@@ -107,10 +107,10 @@ def is_torchscript(path: Path) -> bool:
 
 def from_checkpoint(ckpt_path: str, runs_dir: str = "lightning_logs") -> ServedModel:
     """A checkpoint (``best``/``last``, a run folder, or a file), checked as every entry point checks one."""
+    from mnist_dlops.model.reference import training_reference
     from mnist_dlops.module import Probabilities, rebuild
     from mnist_dlops.rundir.record import run_data
     from mnist_dlops.rundir.run import resolve_ckpt
-    from mnist_dlops.serve.monitoring import training_reference
 
     path = resolve_ckpt(ckpt_path, Path(runs_dir)).resolve()
     module = rebuild(path)  # fails here, in the parent, rather than in every worker

@@ -30,9 +30,9 @@ from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from mnist_dlops.cli import argv as command_line
-from mnist_dlops.commands.runs import short
 from mnist_dlops.errors import ConfigError, UserError, invoked, one_line, user_errors
-from mnist_dlops.rundir.folders import write_atomic
+from mnist_dlops.files import write_atomic
+from mnist_dlops.rundir.run import short, study_storage
 from mnist_dlops.trust import check_classes, check_url, engine_url, redact, resolve
 from mnist_dlops.writeguard import allow_writes
 
@@ -214,11 +214,6 @@ class SweepOptions:
         self.space = {k: v if isinstance(v, Distribution) else Distribution(**v) for k, v in self.space.items()}
         self.base, self.fixed = self.base or [], self.fixed or {}
         self.storage = self.storage or study_storage(self.runs_dir, self.study_name)
-
-
-def study_storage(runs_dir: str, study_name: str) -> str:
-    """A study's default storage: its own SQLite file in its folder (the registry finds a sweep's best trial there)."""
-    return f"sqlite:///{Path(runs_dir) / 'sweeps' / study_name / 'study.db'}"
 
 
 class Sweep:

@@ -157,7 +157,7 @@ def export(url: str, out: str, holdout: float = 0.2, min_items: int = 0) -> dict
     """
     from PIL import Image
 
-    from mnist_dlops.rundir.folders import replacing
+    from mnist_dlops.files import replacing
 
     if not 0 <= holdout < 1:
         raise ConfigError(f"holdout={holdout}: must be in [0, 1)")
