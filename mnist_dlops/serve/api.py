@@ -284,10 +284,10 @@ def build_server(served: ServedModel, workers: int = 1, max_batch_size: int = 16
         routes = ("/predict", "/", "/metadata", "/health", "/metrics", "/feedback")
         middlewares.append((RequestMetrics, {"metrics": Metrics(model_labels(served), served.reference),
                                              "routes": routes}))
-    # fast_queue asks for LitServe's ZMQ transport; litserve 0.2.19 passes it under a wrong keyword and keeps its
-    # multiprocessing-manager queues (LitServe issue 751), so it takes effect only with a fixed release.
+    # FastAPI's /docs and /redoc pages load their scripts from a CDN (blank offline) and are not our documented API:
+    # LitServe's disable_openapi_url drops them with the schema they read.
     server = ls.LitServer(
-        api, accelerator=accelerator, devices=1, workers_per_device=workers, timeout=30, fast_queue=True,
+        api, accelerator=accelerator, devices=1, workers_per_device=workers, timeout=30, disable_openapi_url=True,
         middlewares=middlewares, model_metadata=served.metadata(),
     )
     html, metadata = page(), served.metadata()
@@ -355,11 +355,8 @@ def build_server(served: ServedModel, workers: int = 1, max_batch_size: int = 16
         return Response(body, media_type=content_type)
 
     # LitServe's constructor has registered its own GET / ("litserve running"); the first matching route wins,
-    # so ours go to the front of the router's (public) list of routes. FastAPI's /docs and /redoc pages load their
-    # scripts from a CDN (blank offline) and are not our documented API: removed, with the schema they read.
+    # so ours go to the front of the router's (public) list of routes.
     ours = [route for route in server.app.router.routes
             if getattr(route, "endpoint", None) in (index, describe, metrics, give_feedback)]
-    hidden = {server.app.docs_url, server.app.redoc_url, server.app.openapi_url, "/docs/oauth2-redirect"}
-    server.app.router.routes[:] = ours + [route for route in server.app.router.routes
-                                          if route not in ours and getattr(route, "path", None) not in hidden]
+    server.app.router.routes[:] = ours + [route for route in server.app.router.routes if route not in ours]
     return server
