@@ -139,3 +139,9 @@ def one_line(message: str, limit: int = 400) -> str:
     """jsonargparse's multi-line message as one line: its lines joined, spaces collapsed, cut at ``limit``."""
     text = re.sub(r"\s+", " ", " ".join(line.strip() for line in str(message).splitlines() if line.strip()))
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def reason(err: object, limit: int = 160) -> str:
+    """A library's exception as the reason in one of our lines: its first line, cut at ``limit``, else its type."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__

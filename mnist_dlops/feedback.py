@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mnist_dlops.errors import ConfigError, DataError, UserError
+from mnist_dlops.errors import ConfigError, DataError, UserError, reason
 from mnist_dlops.trust import check_url, engine_url, redact
 from mnist_dlops.writeguard import allow_writes
 
@@ -107,7 +107,7 @@ class FeedbackStore:
         try:
             self.table.metadata.create_all(self.engine)
         except Exception as err:  # noqa: BLE001 - SQLAlchemy and the drivers raise many kinds for a store that fails
-            raise ConfigError(f"feedback_url={redact(url)}: cannot be opened ({str(err).splitlines()[0][:160]})") from None
+            raise ConfigError(f"feedback_url={redact(url)}: cannot be opened ({reason(err)})") from None
 
     def add(self, prediction: dict[str, Any], label: str, client: str) -> int:
         """Store one item; returns its id once committed (SQLite: fsynced)."""

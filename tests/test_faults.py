@@ -15,7 +15,6 @@ from conftest import make_idx_set, run_module
 
 from mnist_dlops.cli.app import cli_main
 from mnist_dlops.commands.export import export
-from mnist_dlops.commands.runs import runs
 from mnist_dlops.errors import ConfigError
 
 TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1",
@@ -118,48 +117,6 @@ def test_random_bytes_are_not_a_checkpoint(lab: Path, capsys: pytest.CaptureFixt
     (lab / "r.ckpt").write_bytes(torch.randint(0, 256, (5000,), dtype=torch.uint8).numpy().tobytes())
     last = fails(["test", "--ckpt_path", "r.ckpt"], capsys, 2, "r.ckpt: not a PyTorch checkpoint")
     assert "run code" not in last
-
-
-# ---- the runs table ------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("where", ["task==", "val/acc>>0.9", "val/acc>abc", "nosuchcolumn=1"])
-def test_runs_where_errors(trained: Path, where: str) -> None:
-    with pytest.raises(ValueError, match="--where"):
-        runs(where=where)
-
-
-def test_runs_table(trained: Path, capsys: pytest.CaptureFixture) -> None:
-    cli_main(["fit", *TINY, "--trainer.callbacks", "[]", "--run.tags", "[baseline, cpu]"])
-    cli_main(["fit", *TINY, "--trainer.callbacks", "[]", "--run.tags", "[baseline]"])
-    capsys.readouterr()
-    assert list(runs(where="tags=baseline")["run"]) == ["version_1", "version_2"]
-    assert list(runs(where="tags=baseline,cpu")["run"]) == ["version_1"]
-    assert list(runs(where="tags=cpu,lr>0.001")["run"]) == ["version_1"]
-    lines = capsys.readouterr().out.splitlines()
-    assert max(len(line) for line in lines) <= 120, lines
-    assert "NaN" not in "\n".join(lines)  # test/acc of runs never tested is blank
-    with pytest.raises(ValueError, match="--where 'task=binary': no run matches .*task takes: multiclass\\)"):
-        runs(where="task=binary")
-    with pytest.raises(ValueError, match="tags takes: baseline, baseline,cpu\\)"):
-        runs(where="tags=nosuch")
-    for kwargs in ({"csv": "no/such/folder/runs.csv"}, {"plot": "val/loss", "plot_file": "no/such/runs.png"}):
-        with pytest.raises(ValueError, match="no folder no/such"):
-            runs(**kwargs)
-    with pytest.raises(ValueError, match="no such folder"):
-        runs(runs_dir="/no/such/dir")
-    # One corrupt record: that run is skipped with a warning naming the file, the others are listed.
-    (trained / "provenance.yaml").write_text("{{{ not yaml")
-    assert list(runs()["run"]) == ["version_1", "version_2"]
-    assert "provenance.yaml" in capsys.readouterr().err
-
-
-def test_runs_table_without_csv_or_tensorboard(lab: Path) -> None:
-    """A run tracked only by W&B (offline) still shows its metrics: the run's own record holds them."""
-    cli_main(["fit", *TINY, "--trainer.callbacks", "[]", "--trainer.logger",
-              "mnist_dlops.trackers.wandb.WandbLogger"])
-    cli_main(["test", "--ckpt_path", "last", "--trainer.enable_progress_bar", "false", "--data.data_dir", "data"])
-    table = runs()
-    assert 0 <= table["val/acc"].iloc[0] <= 1 and 0 <= table["test/acc"].iloc[0] <= 1
 
 
 def test_a_data_set_with_a_file_missing_is_refused(lab: Path, capsys: pytest.CaptureFixture) -> None:

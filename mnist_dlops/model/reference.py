@@ -107,7 +107,7 @@ def training_reference(path: Path, model: Any, n: int = 10_000) -> Optional[Refe
 
     from mnist_dlops.data import MNISTDataModule
     from mnist_dlops.data.versions import version_label
-    from mnist_dlops.errors import UserError
+    from mnist_dlops.errors import UserError, reason
     from mnist_dlops.rundir.checkpoints import STATE_KEY
     from mnist_dlops.rundir.run import load_checkpoint
 
@@ -116,7 +116,7 @@ def training_reference(path: Path, model: Any, n: int = 10_000) -> Optional[Refe
         data = MNISTDataModule(**{**(config.get("data") or {}), "download": False})
         data.setup("fit")
     except (UserError, OSError, TypeError) as err:
-        print(f"drift reference: skipped, the training data cannot be read here ({str(err).splitlines()[0][:160]})")
+        print(f"drift reference: skipped, the training data cannot be read here ({reason(err)})")
         return None
     images = data.splits["train"][0][:, 0].numpy()
     sample = np.random.default_rng(0).permutation(len(images))[:n]

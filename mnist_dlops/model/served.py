@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # torch loads with the model, not with the commands that only
 
 import yaml
 
-from mnist_dlops.errors import CheckpointError, ConfigError, invoked
+from mnist_dlops.errors import CheckpointError, ConfigError, invoked, reason
 from mnist_dlops.model.reference import Reference
 
 ExportFormat = Literal["torchscript", "onnx"]  # the export formats, as export, the registry and the server name them
@@ -184,7 +184,7 @@ def from_registry(uri: str, runs_dir: str = "lightning_logs", tracking_uri: Opti
     try:
         mlmodel = yaml.safe_load(descriptor.read_text()) or {}
     except yaml.YAMLError as err:  # a !!python/object tag among them: safe_load builds plain values only
-        raise CheckpointError(f"model={uri}: its MLmodel is not plain YAML ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"model={uri}: its MLmodel is not plain YAML ({reason(err, 400)})") from None
     flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
     metadata = (mlmodel.get("metadata") if isinstance(mlmodel, dict) else None) or {}
     if not isinstance(flavors, dict) or not all(isinstance(f, dict) for f in flavors.values()) or not isinstance(
@@ -249,8 +249,7 @@ def check(served: ServedModel) -> None:
     try:
         probs = served.load()(torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
     except Exception as err:  # noqa: BLE001 - TorchScript's and ONNX Runtime's parsers raise types of their own
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{served.source}: cannot be loaded as {served.format} ({first})") from None
+        raise CheckpointError(f"{served.source}: cannot be loaded as {served.format} ({reason(err)})") from None
     if tuple(probs.shape) != (1, len(served.class_names)) or abs(float(probs.sum()) - 1) > 1e-3:
         raise CheckpointError(f"{served.source}: gives {tuple(probs.shape)} outputs for one image, not "
                               f"probabilities over its {len(served.class_names)} classes")

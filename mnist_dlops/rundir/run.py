@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Optional
 
 import yaml
 
-from mnist_dlops.errors import CheckpointError, ConfigError, invoked, one_line
+from mnist_dlops.errors import CheckpointError, ConfigError, invoked, reason
 from mnist_dlops.files import write_atomic
 from mnist_dlops.rundir.folders import training_runs
 from mnist_dlops.trust import check_url, redact
@@ -63,8 +63,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             "(checkpoints of this project hold tensors and plain values only)"
         ) from None
     except Exception as err:  # noqa: BLE001 - garbage bytes make the unpickler fail in any way (IndexError, KeyError...)
-        why = one_line(str(err), 200) or type(err).__name__
-        raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({why})") from None
+        raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({reason(err, 200)})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict in it)")
     return checkpoint

@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mnist_dlops.data.images import ImageTooLarge, decode_image
-from mnist_dlops.errors import DataError
+from mnist_dlops.errors import DataError, reason
 from mnist_dlops.feedback import FeedbackStore, RateLimit, sign, verify
 from mnist_dlops.model.served import ServedModel, discard, promoted
 from mnist_dlops.serve.monitoring import Metrics, RequestMetrics, exposition
@@ -341,8 +341,8 @@ def build_server(served: ServedModel, workers: int = 1, max_batch_size: int = 16
         try:
             item = await run_in_threadpool(feedback.add, prediction, label, client)
         except SQLAlchemyError as err:  # a full, read-only or unreachable store: this item only, /predict goes on
-            reason = str(getattr(err, "orig", None) or type(err).__name__).splitlines()[0][:160]
-            return JSONResponse({"detail": f"the feedback store cannot take it now ({reason}); nothing was stored"},
+            why = reason(getattr(err, "orig", None) or err)
+            return JSONResponse({"detail": f"the feedback store cannot take it now ({why}); nothing was stored"},
                                 status_code=503)
         return JSONResponse({"stored": item, "label": label, "predicted": prediction["p"],
                              "model": {"name": prediction["m"], "version": prediction["v"]}})

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
-from mnist_dlops.errors import ConfigError, UserError
+from mnist_dlops.errors import ConfigError, UserError, reason
 from mnist_dlops.trust import TRACKING_SCHEMES, check_url, redact
 from mnist_dlops.writeguard import allow_writes
 
@@ -113,5 +113,5 @@ def check_name(client: Any, name: str) -> bool:
         if err.error_code == "RESOURCE_DOES_NOT_EXIST":
             return False
         if err.error_code == "INVALID_PARAMETER_VALUE":
-            raise ConfigError(f"name={name!r}: {str(err.message).splitlines()[0]}") from None
+            raise ConfigError(f"name={name!r}: {reason(err.message, 400)}") from None
         raise store_error(f"registry {client.tracking_uri}", err) from None
