@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional
+from unittest.mock import patch  # patch.dict: set environment variables for a block, restored after
 
 from jsonargparse import Namespace
 from pytorch_lightning import Callback, Trainer
@@ -281,8 +282,8 @@ def run(args: ArgsType = None, callbacks: Sequence[Callback] = (), check: bool =
     (our run directory variable for DDP's children, Lightning's ``PL_GLOBAL_SEED``...), so a sweep or a test can call
     it many times in one process.
     """
-    environ = dict(os.environ)
-    try:
+    # patch.dict with no values: the whole environment as it was, restored on the way out.
+    with patch.dict(os.environ):
         # Whatever the config, checkpoint or URL names, nothing untrusted is imported; libraries' noise is not printed.
         with guarded_imports(), guarded_writes(), quiet():
             return (ConfigCheck if check else MNISTCLI)(
@@ -296,10 +297,6 @@ def run(args: ArgsType = None, callbacks: Sequence[Callback] = (), check: bool =
                 parser_class=OneLineParser,
                 run=not check,
             )
-    finally:
-        for key in set(os.environ) - set(environ):
-            del os.environ[key]
-        os.environ.update(environ)
 
 
 def cli_main(args: ArgsType = None) -> None:

@@ -23,6 +23,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Optional
+from unittest.mock import patch  # patch.dict: set environment variables for a block, restored after
 
 import yaml
 from jsonargparse import Namespace
@@ -270,10 +271,11 @@ class Sweep:
         params = {key: dist.suggest(trial, key) for key, dist in self.space.items()}
         pruning = OptunaPruning(trial, self.objective)
         started = time.time()
-        group = os.environ.get("WANDB_RUN_GROUP")
-        os.environ["WANDB_RUN_GROUP"] = group or self.study_name  # W&B groups the study's trials
+        # W&B groups the study's trials (unless the user named a group).
+        group = {"WANDB_RUN_GROUP": os.environ.get("WANDB_RUN_GROUP") or self.study_name}
         try:
-            cli = run(self.trial_args(params, trial.number), callbacks=[pruning])
+            with patch.dict(os.environ, group):
+                cli = run(self.trial_args(params, trial.number), callbacks=[pruning])
         except ObjectiveMissing:
             raise
         except (UserError, MisconfigurationException) as err:
@@ -281,9 +283,6 @@ class Sweep:
             trial.set_user_attr("fail_reason", reason)
             self._report(trial.number, "failed", None, params, started, reason)
             raise TrialFailed(reason) from None
-        finally:
-            if group is None:
-                os.environ.pop("WANDB_RUN_GROUP", None)
         trial.set_user_attr("run_dir", str(cli.run_dir))
         # A prune asked at the last validation stopped nothing: the trial ran to its end, so it is complete.
         stopped_early = pruning.pruned and cli.trainer.global_step < cli.trainer.estimated_stepping_batches

@@ -16,6 +16,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
+from unittest.mock import patch  # patch.dict: set environment variables for a block, restored after
 
 if TYPE_CHECKING:  # torch loads with the model, not with the commands that only name a format (registry --help)
     import torch
@@ -166,16 +167,9 @@ def from_registry(uri: str, runs_dir: str = "lightning_logs", tracking_uri: Opti
         # would look the name up in the process-wide registry, not this one.
         source = client.get_model_version_download_uri(name, version.version)
         # MLflow's own switch for its "Downloading artifacts" bar: a few kB, drawn as if something were slow.
-        bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-        try:
+        with patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
             folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target),
                                                               tracking_uri=location))
-        finally:
-            if bar is None:
-                del os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"]
-            else:
-                os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
     # The files land in the folder, or in a sub-folder named after the version's source path: find its MLmodel.
     descriptor = next(iter(sorted(folder.rglob("MLmodel"), key=lambda p: len(p.parts))), None)
     if descriptor is None:

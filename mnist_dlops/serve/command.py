@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, Optional
+from unittest.mock import patch  # patch.dict: set environment variables for a block, restored after
 
 from mnist_dlops.errors import ConfigError, command
 from mnist_dlops.writeguard import allow_writes
@@ -153,11 +154,10 @@ def temporary_folder(variable: str, prefix: str) -> Iterator[None]:
     import tempfile
 
     folder = tempfile.mkdtemp(prefix=prefix)
-    os.environ[variable] = folder
     try:
-        yield
+        with patch.dict(os.environ, {variable: folder}):
+            yield
     finally:
-        del os.environ[variable]
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -11,9 +11,9 @@ import os
 import time
 import uuid
 from argparse import Namespace
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
+from unittest.mock import patch  # patch.dict: set environment variables for a block, restored after
 
 from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.loggers.logger import Logger, rank_zero_experiment
@@ -21,20 +21,6 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from mnist_dlops.quiet import show
 from mnist_dlops.trackers.base import Tracker, flatten
-
-
-@contextmanager
-def _data_directory(path: Path):
-    """Point the client's on-disk queue at ``path`` while it opens a run (it reads the variable then)."""
-    previous = os.environ.get("NEPTUNE_DATA_DIRECTORY")
-    os.environ["NEPTUNE_DATA_DIRECTORY"] = str(path)
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("NEPTUNE_DATA_DIRECTORY")
-        else:
-            os.environ["NEPTUNE_DATA_DIRECTORY"] = previous
 
 
 class NeptuneLogger(Logger, Tracker):
@@ -108,7 +94,8 @@ class NeptuneLogger(Logger, Tracker):
 
             show()  # Neptune sets its logger's level when imported: back to the command's
 
-            with _data_directory(Path(self._save_dir, ".neptune")):
+            # The client's on-disk queue goes where the variable says when a run opens.
+            with patch.dict(os.environ, {"NEPTUNE_DATA_DIRECTORY": str(Path(self._save_dir, ".neptune"))}):
                 self._run = neptune.init_run(
                     project=self._project,
                     api_token=self._api_token,
