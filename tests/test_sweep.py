@@ -154,8 +154,9 @@ def test_a_killed_sweep_continues_without_rerunning_a_finished_trial(lab: Path, 
 
 BAD = {
     "not a config key": ({"model.nosuch": {"type": "float", "low": 0.1, "high": 0.2}}, {}, "space.model.nosuch"),
-    "reversed range": ({LR: {"type": "float", "low": 0.1, "high": 0.01}}, {}, "low=0.1 must be below high=0.01"),
-    "empty choices": ({LR: {"type": "categorical", "choices": []}}, {}, "non-empty list of choices"),
+    "reversed range": ({LR: {"type": "float", "low": 0.1, "high": 0.01}}, {},
+                       "`low <= high` must hold, but got (low=0.1, high=0.01)"),
+    "empty choices": ({LR: {"type": "categorical", "choices": []}}, {}, "`choices` must contain one or more elements"),
     "unknown distribution": ({LR: {"type": "gaussian", "low": 0.1, "high": 0.2}}, {}, "gaussian"),
     "objective never logged": ({LR: {"type": "float", "low": 0.01, "high": 0.02}}, {"objective": "val/accc"},
                                "objective=val/accc"),

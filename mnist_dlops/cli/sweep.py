@@ -64,19 +64,21 @@ class Distribution:
         self.choices = None if self.choices is None else [_plain(choice) for choice in self.choices]
 
     def check(self, key: str) -> None:
-        """One line naming the key for an empty, reversed or incomplete range."""
-        if self.type == "categorical":
-            if not self.choices:
-                raise ConfigError(f"space.{key}: a categorical distribution needs a non-empty list of choices")
-            return
-        if self.low is None or self.high is None:
+        """Optuna's own checks of the range (reversed, a log scale from 0, step with log...), as one line naming the
+        key; low and high are asked for here, where Optuna would fail on None with a TypeError."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        if self.type != "categorical" and (self.low is None or self.high is None):
             raise ConfigError(f"space.{key}: a {self.type} distribution needs low and high")
-        if not self.low < self.high:
-            raise ConfigError(f"space.{key}: low={self.low} must be below high={self.high}")
-        if self.log and self.low <= 0:
-            raise ConfigError(f"space.{key}: a log scale needs low > 0 (got {self.low})")
-        if self.log and self.step is not None:
-            raise ConfigError(f"space.{key}: step and log cannot go together")
+        try:
+            if self.type == "categorical":  # chosen by index when not plain values (see suggest)
+                CategoricalDistribution(list(range(len(self.choices or []))) if _needs_index(self) else self.choices)
+            elif self.type == "int":
+                IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+            else:
+                FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"space.{key}: {one_line(str(err))}") from None
 
     def suggest(self, trial: Any, key: str) -> Any:
         if self.type == "categorical":
@@ -322,6 +324,8 @@ class Sweep:
     def optimize(self) -> Any:
         study = self.open()
 
+        # Not Optuna's MaxTrialsCallback: it counts by state, and a trial a kill interrupted (failed by the heartbeat)
+        # must not count as done, unlike one that failed by itself.
         def stop_when_done(study: Any, trial: Any) -> None:
             if self.n_trials is not None and self.done(study) >= self.n_trials:
                 study.stop()
