@@ -2,9 +2,9 @@
 
 After a fit's last validation (or every ``every_n_epochs``), and at the end of ``validate`` and ``test``, from the
 stage's predicted probabilities: the confusion matrix (counts and normalized), ROC and precision-recall curves (one
-for the binary task, one per class otherwise) and a gallery of the most confidently misclassified digits. Each tracker gets them in its own form
-through what it offers: ``log_image(key, images, step)`` (TensorBoard, W&B, Neptune here), and
-``log_classification(...)`` for native interactive plots (W&B). Every run also gets the PNG files.
+for the binary task, one per class otherwise) and a gallery of the most confidently misclassified digits. Each
+tracker gets them in its own form through what it offers: ``log_image(key, images, step)`` (TensorBoard, W&B,
+Neptune here), and ``log_classification(...)`` for native interactive plots (W&B). Every run also gets the PNGs.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class _Collected:
 
 
 class Diagnostics(Callback):
-    """Confusion matrix, ROC/PR curves and a gallery of mistakes after validation and test, for every tracker."""
+    """Confusion matrix, ROC/PR curves and a gallery of mistakes after a fit, validate and test, for every tracker."""
 
     def __init__(
         self, every_n_epochs: Optional[PositiveInt] = None, gallery_size: NonNegativeInt = 24,

@@ -1,5 +1,6 @@
-"""Checkpoints: written atomically, saved periodically and on preemption, loaded as untrusted files, and what they
-keep beyond Lightning's own state to resume exactly (``ResumeState``, under ``STATE_KEY``).
+"""Writing checkpoints: atomically, periodically and on preemption, with the run's best recorded in
+``checkpoints/best.json``, and what they keep beyond Lightning's own state to resume exactly (``ResumeState``, under
+``STATE_KEY``).
 
 Every checkpoint Lightning loads goes through ``rundir.run.load_checkpoint``: plain tensors and values, never code.
 """
