@@ -9,20 +9,17 @@ names are written beside it in ``classes.txt``.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mnist_dlops.errors import ConfigError, command
 from mnist_dlops.files import free_name, replacing
+from mnist_dlops.model.formats import FORMATS, ExportFormat, available
 from mnist_dlops.model.reference import Reference, training_reference
-from mnist_dlops.model.served import ExportFormat
 from mnist_dlops.module import MNISTModule, Probabilities, rebuild
 from mnist_dlops.rundir.run import resolve_ckpt
 
@@ -30,11 +27,6 @@ from mnist_dlops.rundir.run import resolve_ckpt
 def sample_images(n: int = 256) -> Tensor:
     """Inputs to compare the exports on: MNIST-shaped uint8 images, seeded."""
     return torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-
-
-def onnx_available() -> bool:
-    """Whether the optional ONNX exporter and runtime are installed (``pip install ".[export]"``)."""
-    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxscript", "onnxruntime"))
 
 
 def export(
@@ -59,14 +51,16 @@ def export(
         The largest absolute difference measured, per format.
     """
     # Every argument is checked, and every package found, before anything is written.
+    install = 'pip install -c constraints.txt -e ".[export]"'
     if formats is None:
-        formats = ["torchscript", "onnx"] if onnx_available() else ["torchscript"]
-        if len(formats) == 1:
-            print('onnx: skipped (pip install -c constraints.txt -e ".[export]" for model.onnx too)')
+        formats = [name for name in FORMATS if available(name)]
+        for name in FORMATS.keys() - set(formats):
+            print(f"{name}: skipped ({install} for {FORMATS[name].file} too)")
     if not formats or len(set(formats)) != len(formats):
-        raise ConfigError(f"formats={list(formats)}: name torchscript and/or onnx, each once")
-    if "onnx" in formats and not onnx_available():
-        raise ConfigError('formats=onnx: needs onnx, onnxscript and onnxruntime: pip install -c constraints.txt -e ".[export]"')
+        raise ConfigError(f"formats={list(formats)}: name {' and/or '.join(FORMATS)}, each once")
+    for name in formats:
+        if not available(name):
+            raise ConfigError(f"formats={name}: needs {', '.join(FORMATS[name].packages)}: {install}")
     if not tolerance >= 0:
         raise ConfigError(f"tolerance={tolerance}: must be >= 0")
     path = resolve_ckpt(ckpt_path, Path(runs_dir))
@@ -81,7 +75,7 @@ def export(
     with replacing(out, "out_dir") as staging:
         errors = _write(module, model, formats, tolerance, staging, reference)
     for fmt in formats:
-        print(f"{fmt}: {out / ('model.pt' if fmt == 'torchscript' else 'model.onnx')} "
+        print(f"{fmt}: {out / FORMATS[fmt].file} "
               f"(max |difference| from the checkpoint {errors[fmt]:.1e}: ok)")
     return errors
 
@@ -99,33 +93,13 @@ def _write(module: MNISTModule, model: Probabilities, formats: Sequence[ExportFo
         expected = module(images).softmax(-1)
     errors: dict[str, float] = {}
     for fmt in formats:
-        _, outputs = (_torchscript if fmt == "torchscript" else _onnx)(model, images, out)
+        FORMATS[fmt].save(model, images, out / FORMATS[fmt].file)
+        outputs = FORMATS[fmt].load(out / FORMATS[fmt].file)(images)  # as the server will load it
         errors[fmt] = float((outputs - expected).abs().max())
         if errors[fmt] > tolerance:
             raise ConfigError(f"tolerance={tolerance}: the {fmt} export differs from the checkpoint by "
                               f"{errors[fmt]:.2e}; nothing was written")
     return errors
-
-
-def _torchscript(model: nn.Module, images: Tensor, out: Path) -> tuple[Path, Tensor]:
-    file = out / "model.pt"
-    with torch.no_grad():
-        torch.jit.save(torch.jit.trace(model, images[:2]), str(file))
-        return file, torch.jit.load(str(file))(images)
-
-
-def _onnx(model: nn.Module, images: Tensor, out: Path) -> tuple[Path, Tensor]:
-    import onnxruntime  # found by export() before anything was written
-    file = out / "model.onnx"
-    batch = torch.export.Dim("batch")
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates each of its passes
-        program = torch.onnx.export(
-            model, (images[:2],), dynamic_shapes={"images": {0: batch}}, input_names=["images"], output_names=["probs"]
-        )
-    program.save(str(file))
-    session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
-    (outputs,) = session.run(None, {"images": images.numpy()})
-    return file, torch.from_numpy(outputs)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -25,14 +25,14 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any, Optional
 
 from mnist_dlops.data.versions import version_label
 from mnist_dlops.errors import ConfigError, command, invoked
+from mnist_dlops.model.formats import FORMATS
+from mnist_dlops.model.formats import ExportFormat as Format
 from mnist_dlops.model.reference import REFERENCE_FILE
-from mnist_dlops.model.served import ExportFormat as Format
 from mnist_dlops.trackers.mlflow_store import (
     RUN_ID_FILE,
     artifact_root,
@@ -86,9 +86,7 @@ def _mlflow_run(client: Any, run_dir: Path, metrics: dict[str, float], runs_dir:
 def _log_model(client: Any, file: Path, fmt: Format, class_names: list[str], metadata: dict[str, Any],
                run_id: str) -> str:
     """Log the export as an MLflow model in ``run_id``, with its signature and an input example."""
-    import mlflow
     import numpy as np
-    import torch
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
@@ -107,20 +105,7 @@ def _log_model(client: Any, file: Path, fmt: Format, class_names: list[str], met
     artifact_path = f"registered-model-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory() as tmp, _quiet_mlflow():
         folder = Path(tmp) / artifact_path
-        if fmt == "onnx":
-            import onnx
-
-            mlflow.onnx.save_model(
-                onnx.load(str(file)), str(folder), pip_requirements=[f"onnxruntime=={package_version('onnxruntime')}"],
-                **common,
-            )
-        else:
-            # Requirements given, not inferred: MLflow would otherwise import the model in a subprocess to guess
-            # them. "pickle" is MLflow's name for its non-pt2 format; a ScriptModule is saved by torch.jit.save.
-            mlflow.pytorch.save_model(
-                torch.jit.load(str(file)), str(folder), pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                serialization_format="pickle", **common,
-            )
+        FORMATS[fmt].log(file, folder, **common)
         if (file.parent / REFERENCE_FILE).is_file():  # the drift reference, loaded with the model by the server
             shutil.copy(file.parent / REFERENCE_FILE, folder / REFERENCE_FILE)
         client.log_artifacts(run_id, str(folder), artifact_path)
@@ -191,7 +176,7 @@ def register(
         with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
             export(str(path), formats=[format], out_dir=tmp)  # its lines name a temporary folder: not the news
             run_id = _mlflow_run(client, run_dir, metrics, Path(runs_dir))
-            file = Path(tmp) / ("model.onnx" if format == "onnx" else "model.pt")
+            file = Path(tmp) / FORMATS[format].file
             source = _log_model(client, file, format, list(module.class_names), metadata, run_id)
         if not existed:
             client.create_registered_model(name, description="MNIST digit classifier (mnist-dlops)")

@@ -1,1 +1,2 @@
-"""The trained model outside training: what is served, exported and registered, and its drift reference."""
+"""The trained model outside training: its export formats (``formats.py``), what is served (``served.py``) and its
+input-drift reference (``reference.py``)."""

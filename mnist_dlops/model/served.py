@@ -12,24 +12,21 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 from unittest.mock import patch  # patch.dict: set environment variables for a block, restored after
 
 if TYPE_CHECKING:  # torch loads with the model, not with the commands that only name a format (registry --help)
-    import torch
-    from torch import Tensor
+    pass
 
 import yaml
 
 from mnist_dlops.errors import CheckpointError, ConfigError, invoked, reason
+from mnist_dlops.model.formats import FORMATS, ExportFormat, Forward, is_torchscript, no_grad
 from mnist_dlops.model.reference import Reference
 
-ExportFormat = Literal["torchscript", "onnx"]  # the export formats, as export, the registry and the server name them
 Format = Literal["checkpoint", ExportFormat]  # what is served: a checkpoint, or an export
-Forward = Callable[["Tensor"], "Tensor"]  # uint8 [N, 1, 28, 28] -> float32 probabilities [N, num_classes]
 
 
 # The folder a server downloads registered versions into, for every process it starts (removed when it stops).
@@ -66,44 +63,11 @@ class ServedModel:
 
     def load(self) -> Forward:
         """The model's forward function (in a worker process): probabilities for uint8 images."""
-        import torch
-
         if self.format == "checkpoint":
             from mnist_dlops.module import Probabilities, rebuild
 
-            module = Probabilities(rebuild(self.file)).eval()
-            return _no_grad(module)
-        if self.format == "torchscript":
-            return _no_grad(torch.jit.load(str(self.file), map_location="cpu").eval())
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        session = onnxruntime.InferenceSession(str(self.file), options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-
-        def forward(images: Tensor) -> Tensor:
-            return torch.from_numpy(session.run(None, {name: images.numpy()})[0])
-
-        return forward
-
-
-def _no_grad(module: torch.nn.Module) -> Forward:
-    import torch
-
-    def forward(images: Tensor) -> Tensor:
-        with torch.inference_mode():
-            return module(images)
-
-    return forward
-
-
-def is_torchscript(path: Path) -> bool:
-    """Whether ``path`` is a TorchScript archive (its compiled code inside), not a pickled Python object."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any("/code/" in name for name in archive.namelist())
+            return no_grad(Probabilities(rebuild(self.file)).eval())
+        return FORMATS[self.format].load(self.file)
 
 
 def from_checkpoint(ckpt_path: str, runs_dir: str = "lightning_logs") -> ServedModel:
@@ -131,12 +95,10 @@ def from_export(path: str) -> ServedModel:
     if not classes.is_file():
         raise ConfigError(f"model={path}: no classes.txt beside it ({invoked('export')} writes one)")
     class_names = classes.read_text().split()
-    if file.suffix == ".onnx":
-        return ServedModel(file.resolve(), "onnx", class_names, file.parent.name, source=str(file),
-                           reference=Reference.load(file.parent))
-    if not is_torchscript(file):
+    fmt = next((name for name, f in FORMATS.items() if Path(f.file).suffix == file.suffix), "torchscript")
+    if fmt == "torchscript" and not is_torchscript(file):
         raise CheckpointError(f"{file}: not a TorchScript archive; the server loads TorchScript or ONNX only")
-    return ServedModel(file.resolve(), "torchscript", class_names, file.parent.name, source=str(file),
+    return ServedModel(file.resolve(), fmt, class_names, file.parent.name, source=str(file),
                        reference=Reference.load(file.parent))
 
 
@@ -184,16 +146,14 @@ def from_registry(uri: str, runs_dir: str = "lightning_logs", tracking_uri: Opti
     if not isinstance(flavors, dict) or not all(isinstance(f, dict) for f in flavors.values()) or not isinstance(
             metadata, dict):
         raise CheckpointError(f"model={uri}: its MLmodel's flavors or metadata are malformed (not MLflow's own)")
-    if "onnx" in flavors:
-        file, fmt = folder / flavors["onnx"]["data"], "onnx"
-    elif "pytorch" in flavors:
-        file, fmt = folder / flavors["pytorch"].get("model_data", "data") / "model.pth", "torchscript"
-        if not is_torchscript(file):
-            raise CheckpointError(f"model={uri}: a pickled PyTorch model, which would run code when loaded; "
-                                  "the server loads TorchScript or ONNX versions only (registry register makes one)")
-    else:
+    fmt = next((name for name, f in FORMATS.items() if f.flavor in flavors), None)
+    if fmt is None:
         raise CheckpointError(f"model={uri}: flavors {sorted(flavors)}; the server loads TorchScript or ONNX only "
                               "(a python_function model is pickled code)")
+    file = FORMATS[fmt].registered(flavors[FORMATS[fmt].flavor], folder)
+    if fmt == "torchscript" and not is_torchscript(file):
+        raise CheckpointError(f"model={uri}: a pickled PyTorch model, which would run code when loaded; "
+                              "the server loads TorchScript or ONNX versions only (registry register makes one)")
     class_names = [str(c) for c in metadata.get("class_names") or []]
     if not class_names:
         raise CheckpointError(f"model={uri}: records no class_names (register it with {invoked('registry')})")
