@@ -296,4 +296,4 @@ def test_a_full_disk_during_a_sweep_names_the_file(read_only_mount: Path) -> Non
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {read_only_mount}/") or last.startswith("error: lightning_logs/"), last
-    assert last.endswith("No space left on device"), last
+    assert "No space left on device" in last, last  # a checkpoint adds that the previous one is intact
