@@ -47,8 +47,10 @@ def test_http_predictions_equal_cli_predict(lab: Path, server: str, mnist_dir: P
     here = os.getcwd()
     os.chdir(lab)
     try:
+        # In fp32, as the server runs the export: the run's own precision (bf16 where the CPU has it) moves
+        # probabilities by ~1e-4, which would hide a difference in preprocessing.
         cli_main(["predict", "--ckpt_path", "best", "--data.predict_dir", str(folder),
-                  "--trainer.enable_progress_bar", "false"])
+                  "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true"])
     finally:
         os.chdir(here)
     (csv_file,) = (lab / "lightning_logs/version_0").glob("predictions*.csv")

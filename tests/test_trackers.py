@@ -238,3 +238,16 @@ def test_neptune_flushes_while_running_and_logs_images(tmp_path: Path) -> None:
     assert {"path": ["status"], "type": "AssignString", "value": "success"}.items() <= next(
         op for op in ops if op["path"] == ["status"]
     ).items()
+
+
+def test_a_logged_step_is_on_disk_at_once(tmp_path: Path) -> None:
+    """Lightning logs a step's metrics after that step's checkpoint: the CSV and TensorBoard trackers write them to
+    disk at once, so a run killed right after is resumed with every step it logged (read by each tracker's reader)."""
+    from mnist_dlops.trackers.csv import CSVLogger
+    from mnist_dlops.trackers.tensorboard import TensorBoardLogger
+
+    csv_logger, tb_logger = CSVLogger(str(tmp_path / "csv")), TensorBoardLogger(str(tmp_path / "tb"))
+    for logger in (csv_logger, tb_logger):
+        logger.log_metrics({"train/loss": 0.5}, step=69)
+    assert pd.read_csv(Path(csv_logger.log_dir) / "metrics.csv")[["step", "train/loss"]].values.tolist() == [[69, 0.5]]
+    assert read_scalars(Path(tb_logger.log_dir)) == {"train/loss": [0.5]}

@@ -66,15 +66,20 @@ class CSVLogger(LightningCSVLogger, Tracker):
     """
 
     def __init__(
-        self, save_dir: Optional[str] = None, name: Optional[str] = "", version: Optional[str] = "", **kwargs: Any
+        self, save_dir: Optional[str] = None, name: Optional[str] = "", version: Optional[str] = "",
+        flush_logs_every_n_steps: int = 1, **kwargs: Any,
     ) -> None:
         """
         Args:
             save_dir: Folder of ``metrics.csv``; null: the run's directory (``lightning_logs`` outside the CLI).
             name: Sub-folder below ``save_dir`` (none by default: the run directory is the experiment's).
             version: Sub-folder below ``name`` (none by default).
+            flush_logs_every_n_steps: Append the buffered rows to the file every this many logged steps. Every one
+                by default: Lightning logs a step's metrics after that step's checkpoint, so rows still buffered
+                when a run is killed would be lost, and the resumed run never logs that step again.
         """
-        super().__init__(save_dir if save_dir is not None else "lightning_logs", name=name, version=version, **kwargs)
+        super().__init__(save_dir if save_dir is not None else "lightning_logs", name=name, version=version,
+                         flush_logs_every_n_steps=flush_logs_every_n_steps, **kwargs)
 
     @property
     @rank_zero_experiment

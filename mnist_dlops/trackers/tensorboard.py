@@ -48,6 +48,13 @@ class TensorBoardLogger(LightningTensorBoardLogger, Tracker):
         self.default_hp_metric = default_hp_metric
 
     @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        """Lightning's, then flushed: Lightning logs a step's metrics after that step's checkpoint, so a run killed
+        before the next flush would lose them, and the resumed run, starting after that step, never logs them again."""
+        super().log_metrics(metrics, step)
+        self.experiment.flush()
+
+    @rank_zero_only
     def log_hyperparams(self, params: Any, metrics: Optional[dict[str, Any]] = None, step: Optional[int] = None) -> None:
         """Lightning's (hparams.yaml; the HParams tab when ``metrics`` are given), and without them the HParams tab
         with ``HPARAM_METRICS`` as its metric columns, filled from the run's own scalars as they are logged.
