@@ -50,3 +50,14 @@ def test_runs_table_without_csv_or_tensorboard(lab: Path) -> None:
     cli_main(["test", "--ckpt_path", "last", "--trainer.enable_progress_bar", "false", "--data.data_dir", "data"])
     table = runs()
     assert 0 <= table["val/acc"].iloc[0] <= 1 and 0 <= table["test/acc"].iloc[0] <= 1
+
+
+def test_an_older_run_with_a_damaged_last_checkpoint_is_still_listed(trained: Path) -> None:
+    """A run from before checkpoints/best.json, whose last.ckpt is garbage: listed, its best taken from the file
+    names (the damaged checkpoint is the evaluation's business, not the table's)."""
+    checkpoints = trained / "checkpoints"
+    (checkpoints / "best.json").unlink()
+    (checkpoints / "last.ckpt").write_bytes(b"PK\x03\x04 garbage")
+    table = runs(runs_dir=str(trained.parent))
+    assert list(table["run"]) == ["version_0"]
+    assert table["best_checkpoint"][0] == str(sorted(checkpoints.glob("epoch*.ckpt"))[-1])

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Optional
 import yaml
 
 from mnist_dlops.data.versions import version_label
-from mnist_dlops.errors import ConfigError, DataError, UserError, command
+from mnist_dlops.errors import CheckpointError, ConfigError, DataError, UserError, command
 from mnist_dlops.rundir.folders import training_runs
 from mnist_dlops.rundir.run import read_best, short
 from mnist_dlops.writeguard import allow_writes
@@ -53,7 +53,7 @@ def history(run: Path) -> pd.DataFrame:
 
 
 def _last_epoch_file(run: Path) -> Optional[str]:
-    """A run whose best checkpoint is unknown (an unreadable last.ckpt must not hide it): its last ``epoch*.ckpt``."""
+    """A run whose best checkpoint is unknown: its last ``epoch*.ckpt``."""
     candidates = sorted((run / "checkpoints").glob("epoch*.ckpt"))
     return str(candidates[-1]) if candidates else None
 
@@ -117,7 +117,10 @@ def run_row(run: Path) -> dict[str, object]:
             row[tag] = values.min() if "loss" in tag else values.max()
         elif tag.startswith("test/"):
             row[tag] = values.iloc[-1]
-    best = read_best(run)
+    try:
+        best = read_best(run)
+    except CheckpointError:  # an older run's unreadable last.ckpt must not hide the run: its file names will do
+        best = None
     row["best_checkpoint"] = str(best.path) if best and best.path else _last_epoch_file(run)
     return row
 
