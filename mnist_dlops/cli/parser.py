@@ -82,10 +82,10 @@ class OneLineParser(LightningArgumentParser):
 def check_values(config: Namespace) -> None:
     """Values that parse but make no sense, or that a run would ignore, caught before any run directory exists."""
     optimizer = config.get("model.optimizer")
-    lr = optimizer.get("init_args", Namespace()).get("lr") if isinstance(optimizer, Namespace) else None
+    init_args = optimizer.get("init_args", Namespace()) if isinstance(optimizer, Namespace) else Namespace()
+    lr, fused = init_args.get("lr"), init_args.get("fused")
     if isinstance(lr, (int, float)) and not lr > 0:
         raise ConfigError(f"model.optimizer.init_args.lr={lr}: must be > 0")
-    fused = isinstance(optimizer, Namespace) and optimizer.get("init_args", Namespace()).get("fused")
     precision, clip = str(config.get("trainer.precision")), config.get("trainer.gradient_clip_val")
     if clip and fused and "mixed" in precision:  # Lightning's mixed-precision plugin refuses it mid-run, traceback
         raise ConfigError(

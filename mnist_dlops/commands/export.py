@@ -54,7 +54,7 @@ def export(
     install = 'pip install -c constraints.txt -e ".[export]"'
     if formats is None:
         formats = [name for name in FORMATS if available(name)]
-        for name in FORMATS.keys() - set(formats):
+        for name in [name for name in FORMATS if name not in formats]:  # in the table's order
             print(f"{name}: skipped ({install} for {FORMATS[name].file} too)")
     if not formats or len(set(formats)) != len(formats):
         raise ConfigError(f"formats={list(formats)}: name {' and/or '.join(FORMATS)}, each once")

@@ -103,9 +103,7 @@ def read_best(run: Path) -> Optional[Best]:
         summary = json.loads((run / "checkpoints" / SUMMARY).read_text())
         return Best(summary["monitor"], summary["mode"], summary["score"], summary["best"],
                     _existing(run, summary["best"]))
-    except FileNotFoundError:
-        return _from_last_checkpoint(run)
-    except (OSError, ValueError, KeyError, TypeError):  # a damaged summary: the checkpoint still knows
+    except (OSError, ValueError, KeyError, TypeError):  # none (an older run) or a damaged one: the checkpoint knows
         return _from_last_checkpoint(run)
 
 
