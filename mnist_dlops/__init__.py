@@ -1,8 +1,5 @@
-"""mnist-dlops: config-driven, tracked and reproducible MNIST experiments on LightningCLI.
-
-The package imports nothing heavy itself (PEP 562): ``mnist-dlops --help`` and the commands that do not train never
-load Lightning or torch, and nothing is imported before a command's import gate is up.
-"""
+"""mnist-dlops: config-driven, tracked and reproducible MNIST experiments on LightningCLI; imports nothing
+heavy itself (PEP 562), so nothing loads before a command's import gate is up."""
 
 from importlib import import_module
 from typing import Any

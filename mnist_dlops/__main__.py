@@ -1,10 +1,4 @@
-"""``mnist-dlops <command>``: every command behind one entry point, as litgpt's (``python cli.py fit`` is
-LightningCLI's own entry to the same training subcommands).
-
-    mnist-dlops fit -c configs/cnn.yaml          # fit, validate, test, predict: LightningCLI (cli/app.py)
-    mnist-dlops sweep -c configs/sweeps/quick.yaml
-    mnist-dlops runs | export | registry | datasets | serve ...
-"""
+"""``mnist-dlops <command>``: every command behind one entry point (``python cli.py fit`` is LightningCLI's own)."""
 
 from __future__ import annotations
 

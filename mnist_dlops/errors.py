@@ -1,8 +1,5 @@
-"""The user's mistakes, by kind: the CLI turns each into one ``error:`` line and its exit status, no traceback.
-
-Anything else (a ``ZeroDivisionError`` in our code, an ``OSError`` from inside a library) is a programming error
-and stays a traceback.
-"""
+"""The user's mistakes, by kind: each becomes one ``error:`` line and its exit status; anything else stays a
+traceback."""
 
 from __future__ import annotations
 

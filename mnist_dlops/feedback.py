@@ -1,13 +1,5 @@
-"""Users' corrections of the served model: signed prediction ids, a feedback store in a real database, and the
-export of what users confirmed or corrected as a new data version.
-
-Every prediction carries a ``prediction_id``: the 28x28 image the model saw, the upload's hash, the predicted class
-and the model version, signed with the server's secret (HMAC-SHA256). ``POST /feedback`` takes it back with the
-right label; a forged or unknown id fails the signature (a 400), so nothing the server did not predict is stored,
-and no prediction needs to be kept anywhere until a user gives feedback on it. The store is SQLAlchemy on SQLite by
-default (``feedback.db`` beside the runs: one file, fsynced at every commit) or any URL of the drivers we ship
-(PostgreSQL when several servers share it); an item is committed before the answer says it is stored.
-"""
+"""Users' corrections of the served model: signed prediction ids, the feedback store, and its export as a new data
+version."""
 
 from __future__ import annotations
 

@@ -1,19 +1,5 @@
-"""The import gate: while a command runs, no module is loaded unless it is installed or trusted by name.
-
-Configs, checkpoints, sweep files and database URLs name modules, and importing a module runs its top-level code.
-Names reach an import along many paths (jsonargparse resolving a class path in a nested YAML file, Lightning
-rebuilding hyper-parameters, SQLAlchemy loading a database driver by module name), so the check stands where every
-one of them ends: a finder at the front of ``sys.meta_path`` (Python's documented import hook, PEP 451). It looks up
-the module as the other finders would and lets it load only when its file lies
-
-- in the interpreter's standard library or site-packages: code the user installed (less a few standard modules
-  whose import alone acts: ``antigravity`` opens a browser), or
-- in this package, or in a package the user trusts by name with ``MNIST_DLOPS_TRUST`` (their own code, anywhere).
-
-Anything else, such as a file in the working directory (which Python puts on ``sys.path`` for ``python -m`` and
-for a script's own folder), or a file shadowing a trusted name that is not installed (``lightning.py``), is refused
-with an ``ImportError`` before a line of it runs, whatever asked for it.
-"""
+"""The import gate: while a command runs, no module loads unless it is installed or trusted by name (a finder at
+the front of ``sys.meta_path``; docs/security.md says why there)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,4 @@
-"""The networks a config can choose: plain ``nn.Module``s that map normalized ``[N, 1, 28, 28]`` images to logits.
-
-Each takes ``num_classes`` as its first argument; the CLI fills it from the data module's task, so a config names
-the network and its own sizes only (``model.network.class_path`` + ``init_args``), never the output size.
-
-The CNNs keep their weights and activations channels-last (NHWC): on a CPU, oneDNN's convolutions and max-pooling
-run faster in that layout (``benchmarks/throughput.py`` measures it against NCHW). Weights load, save and export as usual.
-"""
+"""The networks a config can choose: plain ``nn.Module``s from normalized ``[N, 1, 28, 28]`` images to logits."""
 
 from __future__ import annotations
 

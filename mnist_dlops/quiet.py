@@ -1,8 +1,4 @@
-"""Lines from the libraries underneath that a user would read as trouble, silenced in our commands, each with a reason.
-
-Only lines that say nothing about the user's run: a library's note to its own developers, a deprecation inside
-another library, an optional package we never use. Everything else still reaches the user.
-"""
+"""Lines from the libraries underneath that a user would read as trouble, silenced in our commands, each with a reason."""
 
 from __future__ import annotations
 

@@ -1,9 +1,4 @@
-"""Learning-rate schedules over a whole run: each takes the optimizer and the run's total number of steps.
-
-The module calls ``lr_scheduler(optimizer, total_steps)`` once the trainer knows how many optimizer steps the run
-will take, and steps the schedule after every optimizer step. torch's own ``CosineAnnealingLR`` and
-``PolynomialLR`` already take (optimizer, steps) in that order and can be named in a config as they are.
-"""
+"""Learning-rate schedules over a whole run: each takes the optimizer and the run's total number of steps."""
 
 from __future__ import annotations
 

@@ -1,18 +1,4 @@
-"""What a config or a checkpoint may build: classes of the kind each slot expects, from packages the user trusts.
-
-A config, a checkpoint's stored config and hyper-parameters, a sweep file, a database URL: each is a file or string
-from anywhere, and whatever it names is imported (running the module's top-level code) and then called. Two checks:
-
-1. **At the import** (``mnist_dlops.importguard``): while a command runs, an import hook on ``sys.meta_path`` refuses to
-   load any module that is neither installed (in the interpreter's standard library or site-packages) nor one of
-   the packages the user trusts by name. It stands where every import happens, so it does not matter which path
-   asked (jsonargparse resolving a nested YAML file, Lightning rebuilding hyper-parameters, SQLAlchemy loading a
-   database driver): a module dropped in the working directory, or anywhere else on ``sys.path``, never runs.
-2. **At the build** (``check_classes``): every class a parsed config names must come from a trusted package
-   (torch, Lightning, torchmetrics, Optuna, this package, plus ``MNIST_DLOPS_TRUST``, comma-separated: an
-   environment variable, so that a config cannot trust itself), be a class and not a function or factory
-   (``torch.load`` would run code), and be of the kind its slot expects (a network an ``nn.Module``...).
-"""
+"""What a config or a checkpoint may build: classes of the kind each slot expects, from packages the user trusts."""
 
 from __future__ import annotations
 

@@ -1,24 +1,5 @@
 """The write gate: while a command runs, no file is created, changed, removed or renamed outside the places that
-command writes by design.
-
-Configs, checkpoints and flags name paths (a callback's ``dirpath``, a logger's ``save_dir``, a profiler's folder,
-the files a checkpoint's state will rotate away), and any class that takes one may write or delete there. So the
-check stands where every write ends rather than in each class: a Python audit hook (``sys.addaudithook``, PEP 578)
-sees each ``open`` with its mode, ``os.remove``, ``os.rename``/``os.replace``, ``os.mkdir``, ``os.rmdir``,
-``shutil.rmtree``, ``os.truncate``, links, ``chmod`` and ``sqlite3.connect``, in every thread, before the call acts.
-While a command runs (``guarded_writes``), such a call is allowed only under
-
-- the system temp folder, the libraries' caches and settings (``~/.cache``, ``~/.config/<library>``),
-  ``/dev/null`` and ``/dev/shm``, and Python's own ``__pycache__``;
-- what the command opened by design (``allow_writes``): its run folder, the runs folder's stores (``mlflow.db``,
-  studies, ``feedback.db``), DVC's cache, the outputs it documents (``--out``, ``--csv``, a download's data folder).
-
-Anything else raises ``WriteRefused`` (a ``PermissionError``) before a byte changes; its line names the path and the
-config key whose value asked for it, and the command ends with that line and exit status 2, even where a library
-caught the error and went on. What the hook cannot see is in docs/security.md: writes made by C code that does not
-go through Python's ``open``/``os`` (SQLite's own journal, beside a database the hook checked) and by other
-processes (git, the W&B service).
-"""
+command writes by design (an audit hook, PEP 578; docs/security.md says why there)."""
 
 from __future__ import annotations
 

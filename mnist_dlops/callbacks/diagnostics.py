@@ -1,11 +1,4 @@
-"""Diagnostics: what the model gets wrong, as pictures, in every tracker and in ``<run>/plots/``.
-
-After a fit's last validation (or every ``every_n_epochs``), and at the end of ``validate`` and ``test``, from the
-stage's predicted probabilities: the confusion matrix (counts and normalized), ROC and precision-recall curves (one
-for the binary task, one per class otherwise) and a gallery of the most confidently misclassified digits. Each
-tracker gets them in its own form through what it offers: ``log_image(key, images, step)`` (TensorBoard, W&B,
-Neptune here), and ``log_classification(...)`` for native interactive plots (W&B). Every run also gets the PNGs.
-"""
+"""Diagnostics: confusion matrices, ROC/PR curves and a gallery of mistakes, in every tracker and ``<run>/plots/``."""
 
 from __future__ import annotations
 

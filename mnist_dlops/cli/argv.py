@@ -1,11 +1,5 @@
-"""The one reader of a raw command line, for what must look at it before the parser does: ``--ckpt_path`` restore,
-the config-file check and the sweep's split of its own options from the trials'.
-
-It reads tokens the way argparse (under jsonargparse) does, so that it and the parser never disagree about what
-is an option and what is its value: ``--key value``, ``--key=value``, ``--key+=value``, ``-c file``, ``-cfile``,
-``--config=file``; a value may be a negative number or hold a space, but not look like another option;
-``--help`` takes none. ``tests/test_argv.py`` feeds the same lists to this and to jsonargparse.
-"""
+"""The one reader of a raw command line, token for token as argparse reads it, for what must look before the
+parser does: ``--ckpt_path`` restore, the config-file check and the sweep's split of its options from the trials'."""
 
 from __future__ import annotations
 

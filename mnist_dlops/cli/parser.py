@@ -1,7 +1,4 @@
-"""Configs are untrusted input: one-line parse errors, no abbreviated flags, values checked before a run starts.
-
-What classes a config may name is ``mnist_dlops.trust``'s business.
-"""
+"""Configs are untrusted input: one-line parse errors, no abbreviated flags, values checked before a run starts."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
-"""``--ckpt_path``: restore the config of the checkpoint meant (``last``, ``best``, a run folder or a file:
-``rundir.run.resolve_ckpt``).
-
-LightningCLI restores the model's arguments from a checkpoint after parsing, over the user's own flags, and not
-the data module's; ``--print_config`` shows the defaults. Here the checkpoint's configuration is put in front of
-the command line as its first ``--config``, so it is what runs and what ``--print_config`` shows, and every
-``--config`` or flag the user gives after it still overrides it.
-"""
+"""``--ckpt_path``: the checkpoint's stored config put in front of the command line as its first ``--config``, so
+it is what runs and what ``--print_config`` shows, and the user's own flags still override it."""
 
 from __future__ import annotations
 

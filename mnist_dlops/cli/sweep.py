@@ -1,15 +1,4 @@
-"""Hyperparameter sweeps on Optuna: search config values, prune hopeless trials, keep every trial as an ordinary run.
-
-    mnist-dlops sweep -c configs/sweeps/quick.yaml --data.data_dir ../shared/data/mnist
-
-A sweep config names the experiment configs the trials stack on (``base``), overrides for every trial (``fixed``),
-the ``objective`` metric and its ``direction``, and the search ``space`` as config keys with distributions. Any other
-``--key value`` flag after it (``--data.data_dir``, ``--trainer.max_epochs``) is a fixed override, as with
-``cli.py``. Each trial is ``cli.py fit`` run in this process: its own ``lightning_logs/version_N/`` with a
-``config.yaml`` that reruns it alone, tagged with the study and trial. The study lives in Optuna's storage
-(embedded SQLite by default; a PostgreSQL URL or a journal file for workers on several machines), so running the
-same command again continues it, and running it on several machines shares it.
-"""
+"""Hyperparameter sweeps on Optuna: search config values, prune hopeless trials, keep every trial as an ordinary run."""
 
 from __future__ import annotations
 

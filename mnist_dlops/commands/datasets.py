@@ -1,16 +1,4 @@
-"""Make, record and list data versions on DVC.
-
-    mnist-dlops datasets add data/mnist --tag v1          # dvc add + a git commit of the pointer + a tag
-    mnist-dlops datasets relabel data/mnist --n 500       # change 500 training labels (a noisy version)
-    mnist-dlops datasets merge data/mnist feedback/train   # MNIST plus labelled PNGs
-    mnist-dlops datasets png data/mnist data/mnist-png         # the seeds' PNG tree
-    mnist-dlops datasets list data/mnist                  # every version: commit, tags, hash, size, files
-    mnist-dlops datasets verify data/mnist                # is the folder its version? which one?
-
-A version is a git commit of the folder's pointer file (``data/mnist.dvc``); the bytes are in DVC's cache and its
-remote (``dvc push``). ``python cli.py fit --data.version v1`` trains on any of them without checking it out.
-Every command that writes a folder writes it beside, then swaps it in whole: one cut short leaves the old one.
-"""
+"""``mnist-dlops datasets``: make, record, list and verify data versions on DVC."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
-"""Export a trained checkpoint for serving without this project: TorchScript and ONNX, each checked against it.
-
-    mnist-dlops export --ckpt_path best      # or last, a run folder, or a .ckpt file
-
-The exported model takes MNIST images as uint8 ``[N, 1, 28, 28]`` (0-255, white digit on black, as
-``mnist_dlops.data.images.to_mnist_image`` makes them) and returns class probabilities ``[N, num_classes]``; the class
-names are written beside it in ``classes.txt``.
-"""
+"""``mnist-dlops export``: a checkpoint as TorchScript and ONNX for serving without this project, each checked
+against it."""
 
 from __future__ import annotations
 

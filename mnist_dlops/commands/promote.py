@@ -1,15 +1,5 @@
-"""Champion against challenger: a candidate model version takes the production alias only if it is not worse.
-
-    mnist-dlops registry promote mnist-digits --candidate 2 --feedback_dir data/feedback
-
-Both versions are loaded as the server loads them (TorchScript or ONNX, never pickled code) and evaluated on the
-same fixed sets: MNIST's test split and the held-out share of the users' feedback (``<feedback_dir>/test``). The
-side-by-side table (accuracy per set, per-class accuracy deltas, expected calibration error) is printed and stored
-with the candidate in MLflow (version tags and a ``gate.json`` artifact); the alias moves only if the candidate's
-accuracy is not below the champion's by more than ``tolerance`` on any set, or with ``--force``, which is recorded.
-MLflow's ``validate_evaluation_results`` wants ``mlflow.evaluate`` results of a pyfunc model; the rule here is one
-comparison per set, so it is written out instead.
-"""
+"""Champion against challenger: a candidate version takes the production alias only if it is not worse on any
+fixed evaluation set."""
 
 from __future__ import annotations
 

@@ -1,18 +1,4 @@
-"""The model registry: a checkpoint's model as a versioned MLflow model, picked by alias for serving.
-
-    mnist-dlops registry register --ckpt_path best --name mnist-digits    # a new version
-    mnist-dlops registry register --sweep quick --name mnist-digits       # a sweep's best trial
-    mnist-dlops registry alias mnist-digits@production 3
-    mnist-dlops registry list mnist-digits
-
-A version is the checkpoint's export (TorchScript by default, or ONNX), checked against the checkpoint by
-``mnist_dlops.export``, logged as an MLflow model with its signature (uint8 ``[N, 1, 28, 28]``, white digit on
-black, in; class probabilities out), an input example, the class names and the data fingerprint. It is linked to
-the MLflow run of its training run (the one ``configs/mlflow.yaml`` logged, or a new one named after the run
-folder), so ``mlflow.pyfunc.load_model("models:/mnist-digits@production")`` works in any process with MLflow and
-torch (or onnxruntime), without this project. The store is the trackers': ``MLFLOW_TRACKING_URI``, or
-``sqlite:///<runs_dir>/mlflow.db``.
-"""
+"""``mnist-dlops registry``: a checkpoint's model as a versioned MLflow model, picked by alias for serving."""
 
 from __future__ import annotations
 

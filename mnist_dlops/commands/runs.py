@@ -1,14 +1,4 @@
-"""Runs: one directory per run (claimed, found, named into), and the runs table of every training run under
-``lightning_logs/``, its settings and results, offline.
-
-    mnist-dlops runs                                   # all runs, newest last
-    mnist-dlops runs --sort val/acc --where "model=MLP,val/acc>0.99"
-    mnist-dlops runs --csv runs.csv --plot val/loss   # also write a CSV and a PNG of the curves
-
-Metrics are read from the run's ``metrics.csv`` when it has one, else from its TensorBoard events, with
-TensorBoard's own reader; whatever the trackers, each stage's last values are also in its ``provenance*.yaml``,
-so runs logged only to W&B or Neptune show them too. The table fits a terminal; ``--csv`` has every column.
-"""
+"""``mnist-dlops runs``: the table of every training run under a runs folder, its settings and results, offline."""
 
 from __future__ import annotations
 

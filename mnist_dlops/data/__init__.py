@@ -1,6 +1,5 @@
-"""The data: the data module a config names (``mnist_dlops.data.MNISTDataModule``), IDX files, images, downloads,
-in-memory batches, the fingerprint and DVC data versions. Loaded when first named (PEP 562): ``data.versions`` alone
-does not import Lightning."""
+"""The data: the data module a config names, IDX files, images, downloads, batches, fingerprints and DVC
+versions; loaded when first named (PEP 562)."""
 
 from importlib import import_module
 from typing import Any

@@ -1,8 +1,4 @@
-"""A loader that serves batches straight from in-memory tensors, shuffled per epoch and sharded across ranks.
-
-A ``DataLoader`` over a ``TensorDataset`` indexes and collates one sample at a time, which costs more than a
-small network's step on a CPU; slicing a whole batch out of a resident uint8 tensor costs microseconds.
-"""
+"""A loader that serves whole batches sliced from in-memory tensors, shuffled per epoch and sharded across ranks."""
 
 from __future__ import annotations
 

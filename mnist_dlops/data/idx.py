@@ -1,8 +1,4 @@
-"""MNIST's IDX files: their names, reading one file or a split with one-line errors, writing a set back.
-
-Readers return whole splits (images ``uint8 [N, 28, 28]``, labels ``int64 [N]``) so that training never decodes
-an image; every fault is a :class:`DataError` naming the file.
-"""
+"""MNIST's IDX files: their names, reading a file or a split with one-line errors, writing a set back."""
 
 from __future__ import annotations
 

@@ -1,12 +1,4 @@
-"""Data versions on DVC: which version a data folder is, and reading another version without checking it out.
-
-A folder tracked with ``dvc add`` has a pointer file beside it (``data/mnist.dvc``: DVC's hash of the folder) that
-git versions; the bytes live in DVC's cache and its remote. A data version is therefore a git revision of the
-pointer. ``workspace_version`` names the version of the folder as it is on disk (refusing a copy modified since its
-last ``dvc add``: no run may claim a version it did not read); ``read_version`` fetches the bytes of any revision
-through DVC's Python API (``DVCFileSystem``, from the cache or the remote) into a content-addressed folder under
-``.dvc/tmp``, leaving the working copy as it is.
-"""
+"""Data versions on DVC: which version a data folder is, and reading another version without checking it out."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""The export formats as a table, one row each: its file, the packages it needs, how it is written, loaded and logged
-as an MLflow model, and where a registered version keeps its file. Export, the registry and the server go through
-this table, so adding a format is a row here (and its name in ``ExportFormat``).
-
-Nothing here unpickles: TorchScript is loaded with ``torch.jit.load`` (it runs only TorchScript ops, no Python) and
-ONNX is a graph run by onnxruntime.
-"""
+"""The export formats as a table, one row each (file, packages, writer, loader, MLflow flavor): adding a format
+is a row here."""
 
 from __future__ import annotations
 

@@ -1,10 +1,4 @@
-"""The model's input drift reference: seven cheap statistics of an image (ink, mean intensity, the bounding box's
-width and height, the centre of mass, the model's confidence) and, per statistic, ten bins cut at the deciles of the
-training data with the training share of each bin.
-
-Computed once when a model is exported or registered and stored beside it (``reference.json``); the server counts
-what it sees into the same bins (``serve/monitoring.py``) and Prometheus compares the shares (PSI).
-"""
+"""The model's input drift reference: seven image statistics, each binned at the training data's deciles."""
 
 from __future__ import annotations
 

@@ -1,11 +1,4 @@
-"""What the server serves: a registered model version, an export, or a checkpoint, checked before anything loads.
-
-Nothing here unpickles a stranger's file. A checkpoint goes through ``MNISTModule.load_from_checkpoint`` (weights
-only, trusted classes of their kind: the same check as the CLI's). A registered version or an export must be
-TorchScript (loaded with ``torch.jit.load``, never ``torch.load``: TorchScript runs only TorchScript ops, no Python)
-or ONNX (a graph, run by onnxruntime). An MLflow model of any other flavor (a ``python_function`` model is
-cloudpickled Python) or a "pytorch" model saved by pickle is refused before a byte of it is loaded.
-"""
+"""What the server serves: a registered version, an export or a checkpoint, checked before anything loads."""
 
 from __future__ import annotations
 

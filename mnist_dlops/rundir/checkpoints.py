@@ -1,9 +1,5 @@
-"""Writing checkpoints: atomically, periodically and on preemption, with the run's best recorded in
-``checkpoints/best.json``, and what they keep beyond Lightning's own state to resume exactly (``ResumeState``, under
-``STATE_KEY``).
-
-Every checkpoint Lightning loads goes through ``rundir.run.load_checkpoint``: plain tensors and values, never code.
-"""
+"""Writing checkpoints (atomically, periodically, on preemption, with ``checkpoints/best.json``) and what they keep
+beyond Lightning's state to resume exactly."""
 
 from __future__ import annotations
 

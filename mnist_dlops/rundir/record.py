@@ -1,11 +1,4 @@
-"""The run's record: which data, which code, which machine produced it, written beside its config.
-
-- ``code_version``: the git commit of the code that ran, whether the tree was dirty, and the diff when it was.
-- ``environment``: the command line, the versions that matter, and the hardware.
-- ``RunConfigSaver``: the callback that writes a stage's record into the run (``config*.yaml``, ``provenance*.yaml``,
-  ``metrics*.json``) and sends it to every tracker; the data's fingerprint comes from the data module
-  (``mnist_dlops.data.fingerprint``).
-"""
+"""The run's record: which data, which code and which machine produced it, written beside its config."""
 
 from __future__ import annotations
 

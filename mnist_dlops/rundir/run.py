@@ -1,11 +1,5 @@
-"""Which checkpoint a run means (the newest run, a run's last and best checkpoints, the best of all runs, a sweep's
-best trial), reading one as untrusted data (``torch.load(weights_only=True)``: plain tensors and values, never
-code), and how the runs table and a sweep's report show a recorded value.
-
-At every save, a run's checkpoint callback writes ``checkpoints/best.json``: the metric it monitors, in which
-direction, its best checkpoint and that checkpoint's score. "Best" is read from that small file, so ranking many
-runs loads no checkpoint; a run written before the file existed is read from its ``last.ckpt`` instead.
-"""
+"""Which checkpoint a run means (last, best, the best of all runs, a sweep's best trial) and reading one as
+untrusted data."""
 
 from __future__ import annotations
 

@@ -1,11 +1,4 @@
-"""The HTTP API on LitServe: ``POST /predict``, ``GET /metadata``, ``GET /health`` and the draw-a-digit page at ``/``.
-
-LitServe reads every request body as JSON (or a form). An image upload is raw bytes or multipart, so
-:class:`Uploads`, an ASGI middleware in front of LitServe, turns those into ``{"image": <base64>}`` and refuses
-what is no request at all (an empty body, a body over the size limit, JSON that does not parse) with a 4xx before it
-reaches a worker. Decoding and preprocessing run in the workers (``decode_request``), with the exact code of
-``cli.py predict`` (:func:`mnist_dlops.data.images.decode_image`); a user's mistake there is an ``HTTPException`` 4xx.
-"""
+"""The HTTP API on LitServe: ``POST /predict``, ``/metadata``, ``/feedback``, ``/metrics`` and the draw-a-digit page."""
 
 from __future__ import annotations
 

@@ -1,10 +1,4 @@
-"""``mnist-dlops serve``: the model behind an HTTP API and a draw-a-digit page.
-
-    mnist-dlops serve --model models:/mnist-digits@production     # a registered version, by alias
-    mnist-dlops serve --ckpt_path best                            # or a checkpoint, or an export file
-
-Then open http://127.0.0.1:8000/ and draw, or ``curl -F image=@digit.png http://127.0.0.1:8000/predict``.
-"""
+"""``mnist-dlops serve``: the model behind an HTTP API and a draw-a-digit page."""
 
 from __future__ import annotations
 

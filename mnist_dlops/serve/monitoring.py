@@ -1,17 +1,4 @@
-"""What the served model is asked and how it answers, for Prometheus: ``GET /metrics``, whole across processes.
-
-LitServe answers HTTP in API-server processes and runs the model in worker processes; each counts what it sees with
-``prometheus_client`` in its multiprocess mode (every process writes its own files under one folder,
-``PROMETHEUS_MULTIPROC_DIR``, and ``/metrics`` adds them up), so a count is whole, not one worker's fragment.
-
-**Input drift.** Seven cheap statistics of each image the model sees (ink, mean intensity, the bounding box's width
-and height, the centre of mass, the model's confidence) are counted into ten bins per statistic, cut at the deciles
-of the same statistics on the model's training data (``model/reference.py``: computed once when the model is
-exported or registered, stored with it). Prometheus then computes, per statistic, the **population stability index** (PSI) of
-the last window's bin shares against the training shares (``monitoring/rules.yml``): PSI, rather than a KS test,
-because it is a sum over fixed bins that counters carry exactly across processes and that a PromQL rule computes over
-any window; by the usual reading, below 0.1 is no shift, 0.1-0.25 a moderate one, above 0.25 a real one.
-"""
+"""What the served model is asked and how it answers, for Prometheus: ``GET /metrics``, whole across processes."""
 
 from __future__ import annotations
 

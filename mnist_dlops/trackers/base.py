@@ -1,9 +1,4 @@
-"""What a tracker offers beyond Lightning's ``Logger``: one declared interface, every method a no-op by default.
-
-The callbacks call these on every logger that is a ``Tracker``, never probing with ``hasattr``; adding a tracker
-means subclassing Lightning's logger and this class, and implementing what the tracker can show. Put ``Tracker``
-after the Lightning base class, so that a method Lightning already has (W&B's ``log_image``) is the one used.
-"""
+"""What a tracker offers beyond Lightning's ``Logger``: one declared interface, every method a no-op by default."""
 
 from __future__ import annotations
 

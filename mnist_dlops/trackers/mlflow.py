@@ -1,12 +1,4 @@
-"""MLflow: metrics, the full config as params, tags, provenance, plots and checkpoints, in one embedded database.
-
-By default every run of a runs folder logs into ``sqlite:///<runs_dir>/mlflow.db`` (one database for all runs, as
-MLflow expects), so ``mlflow ui --backend-store-uri sqlite:///lightning_logs/mlflow.db`` shows them all; artifacts
-go to ``<runs_dir>/mlflow-artifacts/`` beside it (MLflow puts a run's artifacts under its experiment's artifact
-root, not where the run's other files are). ``MLFLOW_TRACKING_URI`` or ``tracking_uri`` points it at a
-PostgreSQL database or a tracking server instead. The MLflow run id is kept in the run directory
-(``.mlflow_run_id``), so ``validate``/``test --ckpt_path`` and a resumed fit continue the same MLflow run.
-"""
+"""MLflow: metrics, the config as params, tags, provenance, plots and checkpoints, in the runs folder's database."""
 
 from __future__ import annotations
 

@@ -1,9 +1,4 @@
-"""A Lightning logger over the neptune 1.x client: offline by default, flushed as it goes.
-
-Lightning 2.6.4 removed its ``NeptuneLogger``, and Neptune's hosted service shut down in March 2026. The 1.x client
-still records runs offline (``<run>/.neptune/offline/run__*/data-*.log``, one JSON operation per line) and can
-send them to a self-hosted Neptune-compatible server with ``neptune sync`` or ``mode: async``.
-"""
+"""A Lightning logger over the neptune 1.x client: offline by default, flushed as it goes."""
 
 from __future__ import annotations
 
