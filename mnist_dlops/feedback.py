@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from mnist_dlops.errors import ConfigError, DataError, UserError, reason
+from mnist_dlops.files import replacing, staging_name, write_atomic
 from mnist_dlops.trust import check_url, engine_url, redact
 from mnist_dlops.writeguard import allow_writes
 
@@ -33,14 +34,11 @@ def load_secret(folder: Path) -> bytes:
         except ValueError:
             raise ConfigError(f"{SECRET_ENV}: not hex (e.g. python -c 'import secrets; print(secrets.token_hex(32))')") from None
     file = folder / SECRET_FILE
-    allow_writes(file, "the feedback secret")
-    allow_writes(file.with_suffix(f".{os.getpid()}.tmp"), "the feedback secret")
+    for path in (file, staging_name(file)):
+        allow_writes(path, "the feedback secret")
     folder.mkdir(parents=True, exist_ok=True)
     if not file.is_file():
-        tmp = file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(secrets.token_hex(32))
-        tmp.chmod(0o600)
-        os.replace(tmp, file)
+        write_atomic(file, secrets.token_hex(32), mode=0o600)  # private from its first byte
     return bytes.fromhex(file.read_text().strip())
 
 
@@ -146,7 +144,6 @@ def export(url: str, out: str, holdout: float = 0.2, min_items: int = 0) -> dict
     """
     from PIL import Image
 
-    from mnist_dlops.files import replacing
 
     if not 0 <= holdout < 1:
         raise ConfigError(f"holdout={holdout}: must be in [0, 1)")

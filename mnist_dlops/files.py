@@ -12,15 +12,35 @@ from mnist_dlops.errors import ConfigError
 from mnist_dlops.writeguard import allow_writes
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """``text`` into ``path`` through a temporary file beside it: a reader sees the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def staging_name(path: Path) -> Path:
+    """The temporary file ``write_atomic`` writes before renaming it to ``path`` (for a caller's write gate)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_atomic(path: Path, data: str | bytes | memoryview, mode: int = 0o666, durable: bool = False) -> None:
+    """``data`` into ``path`` through a temporary file beside it: a reader sees the old file or the new, never half.
+
+    ``mode``: the new file's permissions (less the umask), set before it has any content; ``durable``: on disk,
+    the rename included, before this returns (a checkpoint)."""
+    tmp = staging_name(path)
     try:
-        tmp.write_text(text)
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:  # a full disk fails in the write, with no file name: name the file meant
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
-        raise OSError(err.errno, err.strerror, str(path)) from err
+        if isinstance(err, OSError):  # a full disk fails in the write, with no file name: name the file meant
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
+    if durable:  # the rename itself is durable only once the folder's entry is on disk
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 @contextmanager

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import stat as stat_module
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from mnist_dlops.files import staging_name, write_atomic
 from mnist_dlops.writeguard import allow_writes
 
 CACHE_NAME = ".mnist_dlops_fingerprint.json"
@@ -53,11 +53,9 @@ def data_fingerprint(root: Path, files: Iterable[Path], cache: bool = True) -> s
     # A folder without write permission (a shared, read-only copy) is left untouched, even by root.
     if cache and fresh != known_files and root.stat().st_mode & stat_module.S_IWUSR:
         try:
-            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-            for path in (tmp, cache_file):  # this file only: the data folder is otherwise read, never written
+            for path in (cache_file, staging_name(cache_file)):  # this file only: the data folder is only read
                 allow_writes(path, "the data's fingerprint cache")
-            tmp.write_text(json.dumps(fresh, indent=0))
-            os.replace(tmp, cache_file)
+            write_atomic(cache_file, json.dumps(fresh, indent=0))
         except OSError:
             pass
     return hashlib.sha256("\n".join(manifest).encode()).hexdigest()

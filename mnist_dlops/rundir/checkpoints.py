@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,22 +18,12 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from mnist_dlops.errors import DivergedError
+from mnist_dlops.files import write_atomic
 from mnist_dlops.rundir.run import load_checkpoint, write_summary
 from mnist_dlops.trackers.base import tracker_keys
 
 # Top-level key of this project's own entries in a checkpoint; every value under it is plain (weights_only-safe).
 STATE_KEY = "mnist_dlops"
-
-
-def _read_umask() -> int:
-    """The process's umask. Reading it means setting it: done once, at import, before any writer thread exists
-    (a thread creating a file while it is 0 would make that file world-writable)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -54,26 +43,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # Serialized in memory first: torch's writer reports a failed write (disk full) as a bare RuntimeError.
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(buffer.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private (0600); a checkpoint is a run file like any
-            os.replace(tmp, path)
+            write_atomic(path, buffer.getbuffer(), durable=True)
         except OSError as err:  # disk full, quota, read-only: name the checkpoint; the previous one is untouched
-            Path(tmp).unlink(missing_ok=True)
             raise OSError(err.errno, f"cannot write checkpoint ({err.strerror}); the previous one is intact", str(path)) from err
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        # The rename itself is durable only once the folder's entry is on disk.
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 class RunCheckpoint(ModelCheckpoint):
