@@ -36,6 +36,16 @@ def test_a_signed_prediction_round_trips_and_a_forged_one_does_not() -> None:
         verify(bytes(32), token)  # another server's secret
 
 
+def test_the_secret_is_private_from_its_first_byte_and_kept(tmp_path: Path) -> None:
+    """The server's signing secret is made once, readable by its owner only, and read back the same after."""
+    from mnist_dlops.feedback import load_secret
+
+    secret = load_secret(tmp_path)
+    file = next(tmp_path.iterdir())
+    assert len(secret) == 32 and oct(file.stat().st_mode & 0o777) == oct(0o600)
+    assert load_secret(tmp_path) == secret and list(tmp_path.iterdir()) == [file]  # no temporary file left
+
+
 def test_export_deduplicates_keeps_the_newest_label_and_holds_out_by_hash(tmp_path: Path) -> None:
     store = FeedbackStore(f"sqlite:///{tmp_path / 'feedback.db'}")
     rng = np.random.default_rng(0)
