@@ -29,20 +29,19 @@ def eval_sets(mnist_dir: str, feedback_dir: Optional[str]) -> dict[str, tuple[np
 def evaluate(forward: Any, images: np.ndarray, labels: np.ndarray, classes: int) -> dict[str, Any]:
     """Accuracy, accuracy per class and the expected calibration error (10 bins) of ``forward`` on one set."""
     import torch
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_calibration_error
 
     probs = []
     with torch.inference_mode():
         for start in range(0, len(images), 1000):
             chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + 1000]))[:, None]
             probs.append(forward(chunk).float().numpy())
-    p = np.concatenate(probs)
-    predicted, confidence = p.argmax(1), p.max(1)
-    correct = predicted == labels
-    per_class = {str(c): float(correct[labels == c].mean()) if (labels == c).any() else None for c in range(classes)}
-    bins = np.minimum((confidence * 10).astype(int), 9)
-    ece = sum(abs(correct[bins == b].mean() - confidence[bins == b].mean()) * (bins == b).mean()
-              for b in range(10) if (bins == b).any())
-    return {"acc": float(correct.mean()), "per_class": per_class, "ece": float(ece), "n": int(len(labels))}
+    p, target = torch.from_numpy(np.concatenate(probs)), torch.from_numpy(labels).long()
+    per_class = multiclass_accuracy(p, target, classes, average=None).tolist()
+    present = torch.bincount(target, minlength=classes).tolist()  # a class with no image has no accuracy
+    return {"acc": float(multiclass_accuracy(p, target, classes, average="micro")), "n": int(len(labels)),
+            "per_class": {str(c): per_class[c] if present[c] else None for c in range(classes)},
+            "ece": float(multiclass_calibration_error(p, target, classes, n_bins=10, norm="l1"))}
 
 
 def verdict(results: dict[str, dict[str, dict[str, Any]]], tolerance: float) -> tuple[bool, list[str]]:
