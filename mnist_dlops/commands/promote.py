@@ -97,7 +97,7 @@ def promote(
     from mlflow.exceptions import MlflowException
 
     from mnist_dlops.model.served import check, from_registry
-    from mnist_dlops.trackers.mlflow_store import check_name, open_client, store
+    from mnist_dlops.trackers.mlflow_store import model_exists, registry_client, store_step
 
     if tolerance < 0 or not 0 <= floor <= 1:
         raise ConfigError(f"tolerance={tolerance}: must be >= 0" if tolerance < 0
@@ -105,9 +105,9 @@ def promote(
     if feedback_dir and not Path(feedback_dir).is_dir():
         raise ConfigError(f"feedback_dir={feedback_dir}: no such folder ({invoked('datasets feedback')} --out "
                           f"{feedback_dir} writes it)")
-    with store(f"promote {name}"):
-        client = open_client(runs_dir, tracking_uri)
-        if not check_name(client, name):
+    with store_step(f"promote {name}"):
+        client = registry_client(runs_dir, tracking_uri)
+        if not model_exists(client, name):
             raise ConfigError(f"name={name}: no registered model of that name")
         if candidate == "latest":
             candidate = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
@@ -140,7 +140,7 @@ def promote(
         for set_name, r in results.items():
             print(f"{set_name}: version {candidate} accuracy {r['candidate']['acc']:.4f} (floor {floor})")
         if not low or force:
-            with store(f"alias {name}@{alias}"):
+            with store_step(f"alias {name}@{alias}"):
                 client.set_registered_model_alias(name, alias, str(candidate))
             print(f"{name}@{alias} -> version {candidate} (no version held it; "
                   f"{'forced, although: ' + '; '.join(low) if low else 'above the floor on every set'})")
@@ -152,7 +152,7 @@ def promote(
     print(table(results, champion, str(candidate)))
     record = {"champion": champion, "candidate": str(candidate), "alias": alias, "tolerance": tolerance,
               "passed": passed, "forced": bool(force and not passed), "reasons": reasons, "results": results}
-    with store(f"recording the gate on {name} version {candidate}"):
+    with store_step(f"recording the gate on {name} version {candidate}"):
         tags = {"gate.champion": champion, "gate.passed": str(passed), "gate.forced": str(bool(force and not passed)),
                 **{f"gate.{s}.acc": f"{r['candidate']['acc']:.6f}" for s, r in results.items()},
                 **{f"gate.{s}.champion_acc": f"{r['champion']['acc']:.6f}" for s, r in results.items()}}

@@ -22,12 +22,12 @@ from mnist_dlops.model.reference import REFERENCE_FILE
 from mnist_dlops.trackers.mlflow_store import (
     RUN_ID_FILE,
     artifact_root,
-    check_name,
-    open_client,
-    store,
-    store_error,
-    store_errors,
-    store_uri,
+    mlflow_uri,
+    model_exists,
+    registry_client,
+    registry_error,
+    store_failures,
+    store_step,
 )
 
 EXPERIMENT = "mnist-dlops"
@@ -148,9 +148,9 @@ def register(
         path = resolve_ckpt(ckpt_path, Path(runs_dir))
     path = path.resolve()  # recorded in the registry: absolute, so that it means the same from anywhere
     module = rebuild(path)  # the same checks as every other entry point: weights-only, trusted classes of its kind
-    with store(f"opening the registry {store_uri(Path(runs_dir), tracking_uri)}"):
-        client = open_client(runs_dir, tracking_uri)
-        existed = check_name(client, name)
+    with store_step(f"opening the registry {mlflow_uri(Path(runs_dir), tracking_uri)}"):
+        client = registry_client(runs_dir, tracking_uri)
+        existed = model_exists(client, name)
     run_dir = path.parent.parent
     data, metrics = _run_record(run_dir)
     fingerprint, data_version = data.get("fingerprint"), data.get("version") or {}
@@ -174,9 +174,9 @@ def register(
         version = client.create_model_version(name, source, run_id=run_id, tags=tags).version
         if alias:
             client.set_registered_model_alias(name, alias, version)
-    except store_errors() as err:
+    except store_failures() as err:
         _take_back(client, name, version, existed)
-        raise store_error(f"registering {path} as {name}", err) from None
+        raise registry_error(f"registering {path} as {name}", err) from None
     except BaseException:
         _take_back(client, name, version, existed)
         raise
@@ -193,7 +193,7 @@ def _take_back(client: Any, name: str, version: Optional[str], existed: bool) ->
             client.delete_model_version(name, version)
         if not existed and client.search_model_versions(f"name='{name}'") == []:
             client.delete_registered_model(name)
-    except store_errors():
+    except store_failures():
         pass  # the store itself is failing (locked, read-only): nothing was written to take back
 
 
@@ -211,9 +211,9 @@ def alias(target: str, version: int, runs_dir: str = "lightning_logs", tracking_
     name, sep, label = target.partition("@")
     if not sep or not name or not label:
         raise ConfigError(f"target={target!r}: expected <name>@<alias>, e.g. mnist-digits@production")
-    with store(f"alias {target}"):
-        client = open_client(runs_dir, tracking_uri)
-        if not check_name(client, name):
+    with store_step(f"alias {target}"):
+        client = registry_client(runs_dir, tracking_uri)
+        if not model_exists(client, name):
             raise ConfigError(f"target={target}: no registered model named {name!r}")
         try:
             client.get_model_version(name, str(version))
@@ -228,14 +228,14 @@ def alias(target: str, version: int, runs_dir: str = "lightning_logs", tracking_
 def versions(name: Optional[str] = None, runs_dir: str = "lightning_logs",
              tracking_uri: Optional[str] = None) -> list[dict[str, Any]]:
     """The registered versions (of ``name``, or of every model), newest first, as rows of plain values."""
-    with store(f"reading the registry {store_uri(Path(runs_dir), tracking_uri)}"):
-        return _versions(open_client(runs_dir, tracking_uri), name)
+    with store_step(f"reading the registry {mlflow_uri(Path(runs_dir), tracking_uri)}"):
+        return _versions(registry_client(runs_dir, tracking_uri), name)
 
 
 def _versions(client: Any, name: Optional[str]) -> list[dict[str, Any]]:
     from datetime import datetime
 
-    if name is not None and not check_name(client, name):
+    if name is not None and not model_exists(client, name):
         raise ConfigError(f"name={name}: no registered model of that name")
     models = [client.get_registered_model(name)] if name else client.search_registered_models()
     rows = []

@@ -101,7 +101,7 @@ def from_registry(uri: str, runs_dir: str = "lightning_logs", tracking_uri: Opti
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from mnist_dlops.trackers.mlflow_store import store, store_client, store_uri
+    from mnist_dlops.trackers.mlflow_store import mlflow_client, mlflow_uri, store_step
 
     reference = uri.removeprefix("models:/")
     name, at, alias = reference.partition("@")
@@ -109,9 +109,9 @@ def from_registry(uri: str, runs_dir: str = "lightning_logs", tracking_uri: Opti
         name, _, number = reference.rpartition("/")
     if not name or not (alias if at else number):
         raise ConfigError(f"model={uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
-    location = store_uri(Path(runs_dir), tracking_uri)
-    with store(f"model={uri}"):
-        client = store_client(location)
+    location = mlflow_uri(Path(runs_dir), tracking_uri)
+    with store_step(f"model={uri}"):
+        client = mlflow_client(location)
         try:
             version = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, number)
         except MlflowException:
@@ -164,13 +164,13 @@ def discard(served: ServedModel) -> None:
 def promoted(served: ServedModel) -> Optional[ServedModel]:
     """For a model served by alias (``models:/<name>@<alias>``): the version the alias names now, when it has moved
     since ``served`` was loaded; None when it has not, or the model was not served by alias."""
-    from mnist_dlops.trackers.mlflow_store import store_client
+    from mnist_dlops.trackers.mlflow_store import mlflow_client
 
     if not served.source.startswith("models:/") or "@" not in served.source or "registry" not in served.extra:
         return None
     name, alias = served.source.removeprefix("models:/").split("@", 1)
     location = served.extra["registry"]
-    version = store_client(location).get_model_version_by_alias(name, alias)
+    version = mlflow_client(location).get_model_version_by_alias(name, alias)
     if str(version.version) == served.version:
         return None
     return from_registry(served.source, tracking_uri=location)

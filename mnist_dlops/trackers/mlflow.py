@@ -11,7 +11,7 @@ from pytorch_lightning.loggers import MLFlowLogger as LightningMLFlowLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from mnist_dlops.trackers.base import Tracker, flatten
-from mnist_dlops.trackers.mlflow_store import RUN_ID_FILE, artifact_root, store_uri
+from mnist_dlops.trackers.mlflow_store import RUN_ID_FILE, artifact_root, mlflow_uri
 
 # MLflow's limits on a param (mlflow.utils.validation): longer keys are refused, longer values too.
 MAX_KEY, MAX_VALUE = 250, 6000
@@ -49,7 +49,7 @@ class MLflowLogger(LightningMLFlowLogger, Tracker):
         """
         self.run_dir = Path(save_dir) if save_dir is not None else Path("lightning_logs")
         runs_dir = self.run_dir.resolve().parent if save_dir is not None else self.run_dir.resolve()
-        uri = store_uri(runs_dir, tracking_uri)
+        uri = mlflow_uri(runs_dir, tracking_uri)
         id_file = self.run_dir / RUN_ID_FILE
         with _creating(uri):
             super().__init__(

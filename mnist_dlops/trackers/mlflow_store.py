@@ -18,7 +18,7 @@ from mnist_dlops.writeguard import allow_writes
 RUN_ID_FILE = ".mlflow_run_id"
 
 
-def store_uri(runs_dir: Path, tracking_uri: Optional[str] = None) -> str:
+def mlflow_uri(runs_dir: Path, tracking_uri: Optional[str] = None) -> str:
     """Where MLflow keeps runs and models: ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else one SQLite database
     for the whole runs folder."""
     if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):  # checked before SQLAlchemy imports its driver by name
@@ -32,7 +32,7 @@ def runs_store(runs_dir: Path) -> str:
     return f"sqlite:///{runs_dir.resolve() / 'mlflow.db'}"
 
 
-def store_client(uri: str) -> Any:
+def mlflow_client(uri: str) -> Any:
     """A client of the store at ``uri``, for runs and models. Never ``mlflow.set_tracking_uri``: it also sets
     ``MLFLOW_TRACKING_URI`` in the process environment, and every later run in the process would log into it."""
     import mlflow
@@ -62,13 +62,13 @@ class RegistryError(UserError):
     """MLflow refused an operation on the store (a locked or read-only database, a missing version...)."""
 
 
-def open_client(runs_dir: str, tracking_uri: Optional[str]) -> Any:
+def registry_client(runs_dir: str, tracking_uri: Optional[str]) -> Any:
     """A client of the runs folder's store, or of ``tracking_uri``'s (the registry's commands and the server)."""
     allow_writes(Path(runs_dir) / "mlflow-artifacts", "the MLflow store's artifacts")  # a database store's, too
-    return store_client(store_uri(Path(runs_dir), tracking_uri))
+    return mlflow_client(mlflow_uri(Path(runs_dir), tracking_uri))
 
 
-def store_errors() -> tuple[type[BaseException], ...]:
+def store_failures() -> tuple[type[BaseException], ...]:
     """What a failing store raises: MLflow's error, SQLAlchemy's (a locked SQLite database surfaces raw), OSError."""
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
@@ -77,16 +77,16 @@ def store_errors() -> tuple[type[BaseException], ...]:
 
 
 @contextmanager
-def store(what: str) -> Iterator[None]:
-    """Turn a failing store (locked, full, read-only, unreachable) into one RegistryError line saying what was being
-    done and the database's own reason."""
+def store_step(what: str) -> Iterator[None]:
+    """One step on the MLflow store, named ``what``: a failing store (locked, full, read-only, unreachable) becomes one
+    RegistryError line saying what was being done and the database's own reason."""
     try:
         yield
-    except store_errors() as err:
-        raise store_error(what, err) from None
+    except store_failures() as err:
+        raise registry_error(what, err) from None
 
 
-def store_error(what: str, err: BaseException) -> RegistryError:
+def registry_error(what: str, err: BaseException) -> RegistryError:
     """The driver's error under MLflow's and SQLAlchemy's wrappers (``attempt to write a readonly database``)."""
     seen: set[int] = set()
     while id(err) not in seen:
@@ -99,8 +99,8 @@ def store_error(what: str, err: BaseException) -> RegistryError:
     return RegistryError(redact(f"{what}: {text[0] if text else type(err).__name__}"))
 
 
-def check_name(client: Any, name: str) -> bool:
-    """Whether ``name`` exists already; a name MLflow refuses, or one that MLflow's own search filters cannot quote
+def model_exists(client: Any, name: str) -> bool:
+    """Whether a registered model ``name`` exists; a name MLflow refuses, or one that MLflow's own search filters cannot quote
     (``registry list`` would fail for every model), is a ConfigError naming it."""
     from mlflow.exceptions import MlflowException
 
@@ -114,4 +114,4 @@ def check_name(client: Any, name: str) -> bool:
             return False
         if err.error_code == "INVALID_PARAMETER_VALUE":
             raise ConfigError(f"name={name!r}: {reason(err.message, 400)}") from None
-        raise store_error(f"registry {client.tracking_uri}", err) from None
+        raise registry_error(f"registry {client.tracking_uri}", err) from None
