@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -13,14 +12,10 @@ import numpy as np
 import yaml
 
 from mnist_dlops.data.idx import IDX_FILES, find_idx, read_idx_set, write_idx, write_idx_set
-from mnist_dlops.data.versions import repo_root, workspace_version
-from mnist_dlops.errors import ConfigError, DataError, UserError, command, invoked
+from mnist_dlops.data.versions import repo_root, run, workspace_version
+from mnist_dlops.errors import ConfigError, DataError, command, invoked
 from mnist_dlops.files import replacing
 from mnist_dlops.writeguard import allow_writes
-
-
-class DvcError(UserError):
-    """A DVC or git step that failed: the message names the command and DVC's own first line."""
 
 
 def relabel(src: str, out: Optional[str] = None, n: int = 500, seed: int = 0) -> None:
@@ -93,17 +88,6 @@ def png(src: str, out: str) -> None:
     print(f"wrote {sum(len(labels) for _, labels in splits.values())} PNG files into {out}")
 
 
-def _run(root: Path, *command: str) -> str:
-    """Run a git or dvc command in ``root``; its failure is one line naming the command and its first error line."""
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    result = subprocess.run(command, cwd=root, capture_output=True, text=True, env=env)
-    if result.returncode:
-        lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
-        first = next((line for line in lines if "ERROR" in line or "error" in line.lower()), lines[0] if lines else "")
-        raise DvcError(f"{' '.join(command)}: {first.strip()[:300]}")
-    return result.stdout
-
-
 def _dvc() -> str:
     """The ``dvc`` command of this environment (the one installed beside this package)."""
     found = Path(sys.executable).with_name("dvc")
@@ -126,31 +110,28 @@ def add(path: str, tag: Optional[str] = None, message: Optional[str] = None, pus
     if not folder.is_dir():
         raise DataError(f"path={path}: no such folder")
     rel = Path(os.path.relpath(folder.resolve(), root)).as_posix()
-    committed = subprocess.run(["git", "ls-tree", "--name-only", "HEAD", "--", ".dvc/config"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-    if not committed:
+    if not run(root, "git", "ls-tree", "--name-only", "HEAD", "--", ".dvc/config", check=False).strip():
         # A version committed without DVC's set-up cannot be read back at its revision.
         raise ConfigError(f"path={path}: commit DVC's set-up first: git add .dvc .dvcignore && git commit -m 'DVC'")
-    if tag and _run(root, "git", "tag", "--list", tag).strip():
+    if tag and run(root, "git", "tag", "--list", tag).strip():
         raise ConfigError(f"tag={tag}: already names a version ({invoked('datasets list')} {rel})")
-    _run(root, _dvc(), "add", "--quiet", rel)
+    run(root, _dvc(), "add", "--quiet", rel)
     pointer = f"{rel}.dvc"
     md5 = (yaml.safe_load((root / pointer).read_text())["outs"][0])["md5"]
     ignore = Path(rel).parent / ".gitignore"
-    _run(root, "git", "add", pointer, *([str(ignore)] if (root / ignore).is_file() else []))
-    if _run(root, "git", "status", "--porcelain", "--", pointer).strip():
-        _run(root, "git", "commit", "--quiet", "-m", message or f"data: {rel} {md5[:12]}", "--", pointer,
+    run(root, "git", "add", pointer, *([str(ignore)] if (root / ignore).is_file() else []))
+    if run(root, "git", "status", "--porcelain", "--", pointer).strip():
+        run(root, "git", "commit", "--quiet", "-m", message or f"data: {rel} {md5[:12]}", "--", pointer,
              *([str(ignore)] if (root / ignore).is_file() else []))
     else:
         print(f"{rel}: unchanged since its last version ({md5[:12]})")
     # The tag goes on the commit that recorded this version of the pointer (HEAD, unless it was unchanged).
-    commit = _run(root, "git", "log", "-1", "--format=%h", "--", pointer).strip()
+    commit = run(root, "git", "log", "-1", "--format=%h", "--", pointer).strip()
     if tag:
-        _run(root, "git", "tag", tag, commit)
-    has_remote = subprocess.run([_dvc(), "remote", "default"], cwd=root, capture_output=True, text=True).stdout.strip()
-    if push and has_remote:
-        _run(root, _dvc(), "push", "--quiet", pointer)
-    branch = _run(root, "git", "branch", "--show-current").strip() or "a detached HEAD"
+        run(root, "git", "tag", tag, commit)
+    if push and run(root, _dvc(), "remote", "default", check=False).strip():
+        run(root, _dvc(), "push", "--quiet", pointer)
+    branch = run(root, "git", "branch", "--show-current").strip() or "a detached HEAD"
     print(f"{rel}: version {tag or commit} ({md5[:12]}, commit {commit} on branch {branch})")
 
 
@@ -162,10 +143,10 @@ def versions(path: str) -> list[dict[str, object]]:
         raise ConfigError(f"path={path}: not inside a git repository with DVC")
     pointer = f"{Path(os.path.relpath(folder.resolve(), root)).as_posix()}.dvc"
     rows = []
-    for line in _run(root, "git", "log", "--format=%H %ad", "--date=short", "--", pointer).splitlines():
+    for line in run(root, "git", "log", "--format=%H %ad", "--date=short", "--", pointer).splitlines():
         commit, date = line.split()
-        out = (yaml.safe_load(_run(root, "git", "show", f"{commit}:{pointer}")) or {}).get("outs", [{}])[0]
-        tags = _run(root, "git", "tag", "--points-at", commit).split()
+        out = (yaml.safe_load(run(root, "git", "show", f"{commit}:{pointer}")) or {}).get("outs", [{}])[0]
+        tags = run(root, "git", "tag", "--points-at", commit).split()
         rows.append({"commit": commit[:10], "date": date, "tags": ",".join(tags), "md5": str(out.get("md5", ""))[:12],
                      "size": out.get("size"), "files": out.get("nfiles")})
     return rows

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import yaml
 
-from mnist_dlops.errors import DataError, invoked
+from mnist_dlops.errors import DataError, UserError, invoked
 from mnist_dlops.writeguard import allow_writes
 
 # Where read_version keeps the versions it has read, by DVC hash, inside the DVC repository (git-ignored by DVC).
@@ -63,15 +63,26 @@ def _dvc_writes(root: Path) -> None:
     allow_writes(site_cache_dir(), "DVC's cache")
 
 
-def _git(root: Path, *args: str) -> str:
-    result = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
-    return result.stdout.strip() if result.returncode == 0 else ""
+class DvcError(UserError):
+    """A DVC or git step that failed: the message names the command and DVC's own first line."""
+
+
+def run(root: Path, *command: str, check: bool = True) -> str:
+    """A git or dvc command in ``root``, its output; its failure a DvcError naming the command and its first error
+    line (``check``), or "" (not ``check``)."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, env=env)
+    if result.returncode and check:
+        lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
+        first = next((line for line in lines if "ERROR" in line or "error" in line.lower()), lines[0] if lines else "")
+        raise DvcError(f"{' '.join(command)}: {first.strip()[:300]}")
+    return "" if result.returncode else result.stdout
 
 
 def _commit_and_tags(root: Path, rev: str, pointer: str) -> tuple[Optional[str], list[str]]:
     """The last commit (at ``rev``) that changed ``pointer``, and the tags on it."""
-    commit = _git(root, "log", "-1", "--format=%H", rev, "--", pointer) or None
-    tags = _git(root, "tag", "--points-at", commit).split() if commit else []
+    commit = run(root, "git", "log", "-1", "--format=%H", rev, "--", pointer, check=False).strip() or None
+    tags = run(root, "git", "tag", "--points-at", commit, check=False).split() if commit else []
     return commit, tags
 
 
@@ -112,7 +123,7 @@ def workspace_version(data_dir: Path) -> Optional[DataVersion]:
             f"record it as a new version ({invoked('datasets add')} {rel}) or restore it (dvc checkout {rel}.dvc)"
         )
     commit, tags = _commit_and_tags(root, "HEAD", f"{rel}.dvc")
-    if commit and _git(root, "status", "--porcelain", "--", f"{rel}.dvc"):
+    if commit and run(root, "git", "status", "--porcelain", "--", f"{rel}.dvc", check=False).strip():
         commit, tags = None, []  # the pointer changed since its last commit: a version not committed yet
     return DataVersion(rel, out["md5"], "workspace", commit, tags, out.get("nfiles"), out.get("size"))
 
