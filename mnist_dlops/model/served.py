@@ -7,11 +7,8 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import Any, Literal, Optional
 from unittest.mock import patch  # patch.dict: set environment variables for a block, restored after
-
-if TYPE_CHECKING:  # torch loads with the model, not with the commands that only name a format (registry --help)
-    pass
 
 import yaml
 

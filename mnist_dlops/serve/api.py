@@ -166,7 +166,8 @@ def _arrays(images: Any) -> np.ndarray:
 
 class Uploads:
     """ASGI middleware for ``POST /predict``: an image body (raw or multipart) becomes ``{"image": <base64>}``;
-    an empty body, one over ``max_bytes`` or JSON that does not parse is answered 4xx here, with a one-line reason."""
+    an empty body, one over ``max_bytes`` or JSON that does not parse is answered 4xx here, with a one-line reason.
+    Not LitServe's ``max_payload_size``: this reads the body anyway, and LitServe's 413 says neither size nor limit."""
 
     def __init__(self, app: ASGIApp, path: str = "/predict", max_bytes: int = 10 * 2**20) -> None:
         self.app, self.path, self.max_bytes = app, path, max_bytes
