@@ -3,6 +3,7 @@ when it beats production, and the server switching to it without a restart (slow
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -29,6 +30,7 @@ def test_a_signed_prediction_round_trips_and_a_forged_one_does_not() -> None:
     back = verify(SECRET, token)
     assert (back["image"] == image).all() and (back["p"], back["m"], back["v"]) == ("7", "digits", "3")
     body, mac = token.rsplit(".", 1)
+    assert len(base64.urlsafe_b64decode(mac + "=")) == 32  # HMAC-SHA256, as docs/closing-the-loop.md says
     for forged in (f"{body}.{'0' * 32}", f"{body[:-2]}xy.{mac}", "nonsense", None, 7, "a.b.c"):
         with pytest.raises(ValueError, match="prediction_id"):
             verify(SECRET, forged)
