@@ -145,7 +145,6 @@ def export(url: str, out: str, holdout: float = 0.2, min_items: int = 0) -> dict
     """
     from PIL import Image
 
-
     if not 0 <= holdout < 1:
         raise ConfigError(f"holdout={holdout}: must be in [0, 1)")
     items = FeedbackStore(url).items()
