@@ -103,6 +103,8 @@ def _quiet_mlflow() -> Iterator[None]:
     """Silence three warnings that are about MLflow, not this model: its JSON serving check of the example, which
     its PyTorch flavor refuses for any tensor input; its caution about pickle, which a TorchScript file is not
     (MLflow writes it with torch.jit.save); torch's note that MLflow loads TorchScript through torch.load."""
+    # Here, not in mnist_dlops.quiet: MLflow's logging set-up (dictConfig, at its import) resets its child loggers'
+    # levels, so this one is set once MLflow is loaded.
     logger = logging.getLogger("mlflow.pytorch")
     level = logger.level
     try:
