@@ -8,6 +8,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
+# Not parse_known_args: jsonargparse refuses it (NotImplementedError), and argparse's cannot tell the sweep's nested
+# options (--sampler.init_args.seed) from the trials' without knowing every name. tests/test_argv.py pins the parity.
 # argparse's test for "a negative number, not an option" (ArgumentParser._negative_number_matcher).
 _NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
 SHORT = {"-c": "config", "-h": "help"}
