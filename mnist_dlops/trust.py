@@ -132,6 +132,8 @@ def engine_url(url: str) -> str:
 
 def redact(url: str) -> str:
     """``url`` with the password of ``scheme://user:password@host`` hidden, for messages."""
+    # Not sqlalchemy's make_url(...).render_as_string(hide_password=True): this also hides a URL inside a driver's
+    # free-text error message, which make_url cannot parse.
     return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 

@@ -191,6 +191,7 @@ class SweepOptions:
     runs_dir: str = "lightning_logs"
     write_results: bool = True
 
+    # Checked here, not by jsonargparse.typing: sweep() is called from Python too, where no parser runs.
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ConfigError(f"workers={self.workers}: must be >= 1")

@@ -133,6 +133,7 @@ def runs_table(runs_dir: Path) -> pd.DataFrame:
 # What the table shows in a terminal; ``--csv`` and ``--all_columns`` have the rest.
 COMPACT = ["run", "sweep", "trial", "state", "model", "task", "lr", "batch_size", "epochs", "tags", "data_version",
            "val/acc", "val/loss", "test/acc", "date"]
+# --where's small language, not DataFrame.query: query needs backticks around `val/acc` and has no `tags=a,b`.
 _CONDITION = re.compile(r"\s*([^<>=!,]+?)\s*(>=|<=|!=|=|>|<)\s*(.*?)\s*")
 
 

@@ -158,6 +158,8 @@ def temporary_folder(variable: str, prefix: str) -> Iterator[None]:
 def check_options(host: str, port: int, workers: int, max_batch_size: int, batch_timeout: float,
                   max_upload_mb: float, threads: Optional[int], api_servers: int) -> None:
     """Values that parse but cannot serve, refused in one line before anything loads."""
+    # Not jsonargparse.typing's PositiveInt: its line starts 'Parser key "workers": Not of type PositiveInt', every
+    # other line of ours with the key=value the user gave.
     import ipaddress
 
     for key, value, low in (("workers", workers, 1), ("max_batch_size", max_batch_size, 1),
