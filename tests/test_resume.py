@@ -124,3 +124,28 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_non_zero(runs: tuple[Pat
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 150
     steps = pd.read_csv(run / "metrics.csv").dropna(subset=["train/loss"])["step"].tolist()
     assert steps == list(range(4, 150, 5))  # no step missing or doubled across the stop
+
+
+def test_last_ckpt_is_not_refreshed_at_an_epochs_last_batch(tmp_path: Path, tiny_idx: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A periodic last.ckpt at an epoch's last batch would be taken before that epoch's validation and epoch-end
+    metrics: a run resumed from it skips them for good (the kill-and-resume test above once found 64 rows of 66)."""
+    from pytorch_lightning import Callback
+
+    from mnist_dlops.cli.app import run
+
+    seen: list[tuple[int, int]] = []
+
+    class LastCheckpointAtValidation(Callback):
+        def on_validation_start(self, trainer, pl_module) -> None:  # noqa: ANN001 - Lightning's hook
+            if not trainer.sanity_checking:
+                last = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+                seen.append((trainer.global_step, torch.load(last, weights_only=True)["global_step"]))
+
+    monkeypatch.chdir(tmp_path)
+    run(["fit", "--data.data_dir", str(tiny_idx), "--data.val_size", "10", "--data.batch_size", "8",
+         "--data.download", "false", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4",
+         "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--trainer.callbacks", "[]",
+         "--checkpoint.last_every_n_train_steps", "2"], callbacks=[LastCheckpointAtValidation()])
+    # Refreshed at step 2 and 6 within the epochs, not at 4 and 8 (their last batches) before validating them.
+    assert seen == [(4, 2), (8, 6)]

@@ -60,7 +60,8 @@ class RunCheckpoint(ModelCheckpoint):
     def __init__(self, *args: Any, last_every_n_train_steps: int = 500, **kwargs: Any) -> None:
         """
         Args:
-            last_every_n_train_steps: Refresh ``last.ckpt`` every this many training steps (0: only at epoch ends).
+            last_every_n_train_steps: Refresh ``last.ckpt`` every this many training steps within an epoch (0: only
+                at epoch ends, which always save it once the epoch's validation has run).
         """
         super().__init__(*args, **kwargs)
         if last_every_n_train_steps < 0:
@@ -85,10 +86,15 @@ class RunCheckpoint(ModelCheckpoint):
 
     # private, here and below: ModelCheckpoint has no public "save last.ckpt now"; its own _save_last_checkpoint,
     # the checks it makes before it and its record of the last step saved (tests/test_private_members.py).
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
-        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         n = self.last_every_n_train_steps
-        if n and self.save_last and trainer.global_step % n == 0 and not self._should_skip_saving_checkpoint(trainer):
+        # Not at the epoch's last batch: its validation and epoch-end metrics come after it, and a run resumed from a
+        # checkpoint taken before them would skip them for good (on_train_epoch_end saves last.ckpt once they ran).
+        last_batch = batch_idx + 1 >= trainer.num_training_batches
+        if n and self.save_last and trainer.global_step % n == 0 and not last_batch \
+                and not self._should_skip_saving_checkpoint(trainer):
             saved_before = self._last_global_step_saved
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             # A validation at this same step must still save its best-by-metric checkpoint: Lightning skips any save
