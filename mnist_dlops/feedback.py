@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mnist_dlops.errors import ConfigError, DataError, UserError, reason
-from mnist_dlops.files import replacing, staging_name, write_atomic
+from mnist_dlops.files import allow_atomic_writes, replacing, write_atomic
 from mnist_dlops.trust import check_url, engine_url, redact
 from mnist_dlops.writeguard import allow_writes
 
@@ -34,8 +34,7 @@ def load_secret(folder: Path) -> bytes:
         except ValueError:
             raise ConfigError(f"{SECRET_ENV}: not hex (e.g. python -c 'import secrets; print(secrets.token_hex(32))')") from None
     file = folder / SECRET_FILE
-    for path in (file, staging_name(file)):
-        allow_writes(path, "the feedback secret")
+    allow_atomic_writes(file, "the feedback secret")
     folder.mkdir(parents=True, exist_ok=True)
     if not file.is_file():
         write_atomic(file, secrets.token_hex(32), mode=0o600)  # private from its first byte

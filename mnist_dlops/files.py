@@ -12,9 +12,15 @@ from mnist_dlops.errors import ConfigError
 from mnist_dlops.writeguard import allow_writes
 
 
-def staging_name(path: Path) -> Path:
-    """The temporary file ``write_atomic`` writes before renaming it to ``path`` (for a caller's write gate)."""
+def _staging_name(path: Path) -> Path:
+    """The temporary file ``write_atomic`` writes before renaming it to ``path``."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def allow_atomic_writes(path: Path, why: str) -> None:
+    """Let ``write_atomic`` write ``path`` under the write gate: that file and its temporary file, nothing else."""
+    for allowed in (path, _staging_name(path)):
+        allow_writes(allowed, why)
 
 
 def write_atomic(path: Path, data: str | bytes | memoryview, mode: int = 0o666, durable: bool = False) -> None:
@@ -22,7 +28,7 @@ def write_atomic(path: Path, data: str | bytes | memoryview, mode: int = 0o666, 
 
     ``mode``: the new file's permissions (less the umask), set before it has any content; ``durable``: on disk,
     the rename included, before this returns (a checkpoint)."""
-    tmp = staging_name(path)
+    tmp = _staging_name(path)
     try:
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)

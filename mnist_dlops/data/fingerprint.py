@@ -10,8 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mnist_dlops.files import staging_name, write_atomic
-from mnist_dlops.writeguard import allow_writes
+from mnist_dlops.files import allow_atomic_writes, write_atomic
 
 CACHE_NAME = ".mnist_dlops_fingerprint.json"
 
@@ -53,8 +52,7 @@ def data_fingerprint(root: Path, files: Iterable[Path], cache: bool = True) -> s
     # A folder without write permission (a shared, read-only copy) is left untouched, even by root.
     if cache and fresh != known_files and root.stat().st_mode & stat_module.S_IWUSR:
         try:
-            for path in (cache_file, staging_name(cache_file)):  # this file only: the data folder is only read
-                allow_writes(path, "the data's fingerprint cache")
+            allow_atomic_writes(cache_file, "the data's fingerprint cache")  # this file only: the folder is only read
             write_atomic(cache_file, json.dumps(fresh, indent=0))
         except OSError:
             pass
