@@ -130,6 +130,7 @@ def test_last_ckpt_is_not_refreshed_at_an_epochs_last_batch(tmp_path: Path, tiny
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A periodic last.ckpt at an epoch's last batch would be taken before that epoch's validation and epoch-end
     metrics: a run resumed from it skips them for good (the kill-and-resume test above once found 64 rows of 66)."""
+    import pytorch_lightning as pl
     from pytorch_lightning import Callback
 
     from mnist_dlops.cli.app import run
@@ -137,7 +138,7 @@ def test_last_ckpt_is_not_refreshed_at_an_epochs_last_batch(tmp_path: Path, tiny
     seen: list[tuple[int, int]] = []
 
     class LastCheckpointAtValidation(Callback):
-        def on_validation_start(self, trainer, pl_module) -> None:  # noqa: ANN001 - Lightning's hook
+        def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             if not trainer.sanity_checking:
                 last = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
                 seen.append((trainer.global_step, torch.load(last, weights_only=True)["global_step"]))

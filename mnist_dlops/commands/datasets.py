@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 
 from mnist_dlops.data.idx import IDX_FILES, find_idx, read_idx_set, write_idx, write_idx_set
-from mnist_dlops.data.versions import repo_root, run, workspace_version
+from mnist_dlops.data.versions import repo_root, run_command, workspace_version
 from mnist_dlops.errors import ConfigError, DataError, command, invoked
 from mnist_dlops.files import replacing
 from mnist_dlops.writeguard import allow_writes
@@ -110,28 +110,29 @@ def add(path: str, tag: Optional[str] = None, message: Optional[str] = None, pus
     if not folder.is_dir():
         raise DataError(f"path={path}: no such folder")
     rel = Path(os.path.relpath(folder.resolve(), root)).as_posix()
-    if not run(root, "git", "ls-tree", "--name-only", "HEAD", "--", ".dvc/config", check=False).strip():
+    if not run_command(root, "git", "ls-tree", "--name-only", "HEAD", "--", ".dvc/config", check=False).strip():
         # A version committed without DVC's set-up cannot be read back at its revision.
         raise ConfigError(f"path={path}: commit DVC's set-up first: git add .dvc .dvcignore && git commit -m 'DVC'")
-    if tag and run(root, "git", "tag", "--list", tag).strip():
+    if tag and run_command(root, "git", "tag", "--list", tag).strip():
         raise ConfigError(f"tag={tag}: already names a version ({invoked('datasets list')} {rel})")
-    run(root, _dvc(), "add", "--quiet", rel)
+    run_command(root, _dvc(), "add", "--quiet", rel)
     pointer = f"{rel}.dvc"
     md5 = (yaml.safe_load((root / pointer).read_text())["outs"][0])["md5"]
     ignore = Path(rel).parent / ".gitignore"
-    run(root, "git", "add", pointer, *([str(ignore)] if (root / ignore).is_file() else []))
-    if run(root, "git", "status", "--porcelain", "--", pointer).strip():
-        run(root, "git", "commit", "--quiet", "-m", message or f"data: {rel} {md5[:12]}", "--", pointer,
-             *([str(ignore)] if (root / ignore).is_file() else []))
+    ignores = [str(ignore)] if (root / ignore).is_file() else []  # DVC's entry for the folder, committed with it
+    run_command(root, "git", "add", pointer, *ignores)
+    if run_command(root, "git", "status", "--porcelain", "--", pointer).strip():
+        run_command(root, "git", "commit", "--quiet", "-m", message or f"data: {rel} {md5[:12]}", "--", pointer,
+                    *ignores)
     else:
         print(f"{rel}: unchanged since its last version ({md5[:12]})")
     # The tag goes on the commit that recorded this version of the pointer (HEAD, unless it was unchanged).
-    commit = run(root, "git", "log", "-1", "--format=%h", "--", pointer).strip()
+    commit = run_command(root, "git", "log", "-1", "--format=%h", "--", pointer).strip()
     if tag:
-        run(root, "git", "tag", tag, commit)
-    if push and run(root, _dvc(), "remote", "default", check=False).strip():
-        run(root, _dvc(), "push", "--quiet", pointer)
-    branch = run(root, "git", "branch", "--show-current").strip() or "a detached HEAD"
+        run_command(root, "git", "tag", tag, commit)
+    if push and run_command(root, _dvc(), "remote", "default", check=False).strip():
+        run_command(root, _dvc(), "push", "--quiet", pointer)
+    branch = run_command(root, "git", "branch", "--show-current").strip() or "a detached HEAD"
     print(f"{rel}: version {tag or commit} ({md5[:12]}, commit {commit} on branch {branch})")
 
 
@@ -143,10 +144,10 @@ def versions(path: str) -> list[dict[str, object]]:
         raise ConfigError(f"path={path}: not inside a git repository with DVC")
     pointer = f"{Path(os.path.relpath(folder.resolve(), root)).as_posix()}.dvc"
     rows = []
-    for line in run(root, "git", "log", "--format=%H %ad", "--date=short", "--", pointer).splitlines():
+    for line in run_command(root, "git", "log", "--format=%H %ad", "--date=short", "--", pointer).splitlines():
         commit, date = line.split()
-        out = (yaml.safe_load(run(root, "git", "show", f"{commit}:{pointer}")) or {}).get("outs", [{}])[0]
-        tags = run(root, "git", "tag", "--points-at", commit).split()
+        out = (yaml.safe_load(run_command(root, "git", "show", f"{commit}:{pointer}")) or {}).get("outs", [{}])[0]
+        tags = run_command(root, "git", "tag", "--points-at", commit).split()
         rows.append({"commit": commit[:10], "date": date, "tags": ",".join(tags), "md5": str(out.get("md5", ""))[:12],
                      "size": out.get("size"), "files": out.get("nfiles")})
     return rows

@@ -67,7 +67,7 @@ class DvcError(UserError):
     """A DVC or git step that failed: the message names the command and DVC's own first line."""
 
 
-def run(root: Path, *command: str, check: bool = True) -> str:
+def run_command(root: Path, *command: str, check: bool = True) -> str:
     """A git or dvc command in ``root``, its output; its failure a DvcError naming the command and its first error
     line (``check``), or "" (not ``check``)."""
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
@@ -81,8 +81,8 @@ def run(root: Path, *command: str, check: bool = True) -> str:
 
 def _commit_and_tags(root: Path, rev: str, pointer: str) -> tuple[Optional[str], list[str]]:
     """The last commit (at ``rev``) that changed ``pointer``, and the tags on it."""
-    commit = run(root, "git", "log", "-1", "--format=%H", rev, "--", pointer, check=False).strip() or None
-    tags = run(root, "git", "tag", "--points-at", commit, check=False).split() if commit else []
+    commit = run_command(root, "git", "log", "-1", "--format=%H", rev, "--", pointer, check=False).strip() or None
+    tags = run_command(root, "git", "tag", "--points-at", commit, check=False).split() if commit else []
     return commit, tags
 
 
@@ -123,7 +123,7 @@ def workspace_version(data_dir: Path) -> Optional[DataVersion]:
             f"record it as a new version ({invoked('datasets add')} {rel}) or restore it (dvc checkout {rel}.dvc)"
         )
     commit, tags = _commit_and_tags(root, "HEAD", f"{rel}.dvc")
-    if commit and run(root, "git", "status", "--porcelain", "--", f"{rel}.dvc", check=False).strip():
+    if commit and run_command(root, "git", "status", "--porcelain", "--", f"{rel}.dvc", check=False).strip():
         commit, tags = None, []  # the pointer changed since its last commit: a version not committed yet
     return DataVersion(rel, out["md5"], "workspace", commit, tags, out.get("nfiles"), out.get("size"))
 

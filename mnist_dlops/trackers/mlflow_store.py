@@ -100,8 +100,8 @@ def registry_error(what: str, err: BaseException) -> RegistryError:
 
 
 def model_exists(client: Any, name: str) -> bool:
-    """Whether a registered model ``name`` exists; a name MLflow refuses, or one that MLflow's own search filters cannot quote
-    (``registry list`` would fail for every model), is a ConfigError naming it."""
+    """Whether a registered model ``name`` exists; a name MLflow refuses, or one that MLflow's own search filters
+    cannot quote (``registry list`` would fail for every model), is a ConfigError naming it."""
     from mlflow.exceptions import MlflowException
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
