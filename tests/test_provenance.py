@@ -151,9 +151,11 @@ def test_every_tracker_holds_the_provenance_and_hardware_use(tmp_path: Path, tin
 
     table = run_module("mnist_dlops", "runs", "--csv", "t.csv", cwd=tmp_path)
     assert table.returncode == 0, table.stderr
-    row = pd.read_csv(tmp_path / "t.csv").iloc[0]
+    # dtype=str: a short commit or fingerprint of digits only (8354874329) would otherwise be read as a number
+    row = pd.read_csv(tmp_path / "t.csv", dtype=str).iloc[0]
     assert row["data"] == fingerprint[:12] and row["tags"] == "nightly" and row["note"] == "tiny data"
-    assert isinstance(row["commit"], str) and row["commit"]
+    code = provenance(tmp_path)["code"]
+    assert row["commit"] == code["commit"][:10] + ("+dirty" if code.get("dirty") else "")
 
 
 def test_the_fingerprint_cache_sees_a_file_rewritten_with_its_old_size_and_mtime(tmp_path: Path) -> None:
