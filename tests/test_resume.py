@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import REPO, read_scalars, run_cli
+from pytorch_lightning import Callback
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from mnist_dlops.cli import app
 
 CONFIG = """
 trainer:
@@ -126,15 +133,33 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_non_zero(runs: tuple[Pat
     assert steps == list(range(4, 150, 5))  # no step missing or doubled across the stop
 
 
-def test_last_ckpt_is_not_refreshed_at_an_epochs_last_batch(tmp_path: Path, tiny_idx: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """A periodic last.ckpt at an epoch's last batch would be taken before that epoch's validation and epoch-end
-    metrics: a run resumed from it skips them for good (the kill-and-resume test above once found 64 rows of 66)."""
-    import pytorch_lightning as pl
-    from pytorch_lightning import Callback
+class SigtermInValidation(Callback):
+    """Records each validation's step; sends this process SIGTERM after the first batch of epoch ``epoch``'s."""
 
-    from mnist_dlops.cli.app import run
+    def __init__(self, epoch: Optional[int]) -> None:
+        self.epoch = epoch
+        self.validated: list[int] = []
 
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object,
+                                batch: object, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking and batch_idx == 0:
+            self.validated.append(trainer.global_step)
+            if trainer.current_epoch == self.epoch:
+                os.kill(os.getpid(), signal.SIGTERM)  # Lightning stops after this batch, the first of three
+
+
+def tiny_fit(tiny_idx: Path, *args: str) -> list[str]:
+    """A fit of four steps an epoch and three validation batches, in-process."""
+    return ["fit", "--data.data_dir", str(tiny_idx), "--data.val_size", "10", "--data.batch_size", "8",
+            "--data.eval_batch_size", "4", "--data.download", "false", "--trainer.limit_train_batches", "4",
+            "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--trainer.callbacks", "[]", *args]
+
+
+def test_last_ckpt_is_not_refreshed_before_a_validation(tmp_path: Path, tiny_idx: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A periodic last.ckpt at a batch a validation follows (an epoch's last, a val_check_interval's) would be taken
+    before that validation and the epoch-end metrics: a run resumed from it skips them for good (the kill-and-resume
+    test above once found 64 rows of 66)."""
     seen: list[tuple[int, int]] = []
 
     class LastCheckpointAtValidation(Callback):
@@ -144,9 +169,42 @@ def test_last_ckpt_is_not_refreshed_at_an_epochs_last_batch(tmp_path: Path, tiny
                 seen.append((trainer.global_step, torch.load(last, weights_only=True)["global_step"]))
 
     monkeypatch.chdir(tmp_path)
-    run(["fit", "--data.data_dir", str(tiny_idx), "--data.val_size", "10", "--data.batch_size", "8",
-         "--data.download", "false", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4",
-         "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--trainer.callbacks", "[]",
-         "--checkpoint.last_every_n_train_steps", "2"], callbacks=[LastCheckpointAtValidation()])
+    app.run(tiny_fit(tiny_idx, "--trainer.max_epochs", "2", "--checkpoint.last_every_n_train_steps", "2"),
+            callbacks=[LastCheckpointAtValidation()])
     # Refreshed at step 2 and 6 within the epochs, not at 4 and 8 (their last batches) before validating them.
     assert seen == [(4, 2), (8, 6)]
+
+    seen.clear()
+    app.run(tiny_fit(tiny_idx, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6",
+                     "--trainer.val_check_interval", "3", "--checkpoint.last_every_n_train_steps", "1"),
+            callbacks=[LastCheckpointAtValidation()])
+    assert seen == [(3, 2), (6, 5)]  # nor before a validation within the epoch
+
+
+
+def test_sigterm_during_validation_keeps_the_checkpoint_from_before_it(tmp_path: Path, tiny_idx: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A last.ckpt saved in the middle of a validation resumes past the rest of it (Lightning counts it as run):
+    SIGTERM there keeps the last.ckpt from before, and the resumed run validates that step whole."""
+    monkeypatch.chdir(tmp_path)
+    args = tiny_fit(tiny_idx, "--trainer.max_epochs", "3", "--checkpoint.last_every_n_train_steps", "2")
+    with pytest.raises(SIGTERMException):
+        app.run(args, callbacks=[SigtermInValidation(epoch=1)])
+    last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 6  # the refresh before step 8's validation
+
+    resumed = SigtermInValidation(epoch=None)
+    app.run([*args, "--ckpt_path", "last"], callbacks=[resumed])
+    assert resumed.validated == [8, 12]  # step 8's validation again, whole, after its last two steps
+    assert torch.load(last, weights_only=True)["global_step"] == 12
+
+
+def test_sigterm_before_any_checkpoint_says_there_is_nothing_to_resume(tmp_path: Path, tiny_idx: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SIGTERMException):
+        app.run(tiny_fit(tiny_idx, "--checkpoint.last_every_n_train_steps", "0"),
+                callbacks=[SigtermInValidation(epoch=0)])
+    assert "stopped by SIGTERM before the run's first checkpoint: nothing to resume" in capsys.readouterr().err
+    assert not (tmp_path / "lightning_logs/version_0").exists()  # a new run with no checkpoint leaves nothing

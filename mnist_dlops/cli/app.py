@@ -72,7 +72,10 @@ class MNISTCLI(LightningCLI):
             self._remove_debris()
             if isinstance(err, SIGTERMException) and self.run_dir is not None:
                 last = self.run_dir / "checkpoints" / "last.ckpt"
-                print(f"stopped by SIGTERM; resume with: {invoked('fit')} --ckpt_path {last}", file=sys.stderr)
+                if last.is_file():
+                    print(f"stopped by SIGTERM; resume with: {invoked('fit')} --ckpt_path {last}", file=sys.stderr)
+                else:  # in the sanity check or the first validation: the new run had nothing worth keeping
+                    print("stopped by SIGTERM before the run's first checkpoint: nothing to resume", file=sys.stderr)
             if isinstance(err, OSError) and err.errno in USER_ERRNOS and not err.filename and self.run_dir:
                 # A full or read-only disk fails inside a library's write (a plot, an event file) with no file
                 # named: the run's folder is where it was writing.

@@ -49,6 +49,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise OSError(err.errno, f"cannot write checkpoint ({err.strerror}); the previous one is intact", str(path)) from err
 
 
+def validates_after(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether a validation follows this training batch: at an epoch's last batch, and every ``val_check_interval``
+    batches (Lightning's rule, read from the trainer's public fields)."""
+    if batch_idx + 1 >= trainer.num_training_batches:
+        return True
+    every = trainer.val_check_batch
+    done = batch_idx if trainer.check_val_every_n_epoch is not None else trainer.fit_loop.epoch_loop.total_batch_idx
+    return isinstance(every, int) and (done + 1) % every == 0
+
+
 class RunCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint (best by a metric + ``last.ckpt``), made safe to kill at any moment.
 
@@ -86,14 +96,13 @@ class RunCheckpoint(ModelCheckpoint):
 
     # private, here and below: ModelCheckpoint has no public "save last.ckpt now"; its own _save_last_checkpoint,
     # the checks it makes before it and its record of the last step saved (tests/test_private_members.py).
+    # Never before a validation: a run resumed from a checkpoint taken before it would skip it (and the epoch-end
+    # metrics) for good; the epoch's end saves last.ckpt once its validation has run.
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         n = self.last_every_n_train_steps
-        # Not at the epoch's last batch: its validation and epoch-end metrics come after it, and a run resumed from a
-        # checkpoint taken before them would skip them for good (on_train_epoch_end saves last.ckpt once they ran).
-        last_batch = batch_idx + 1 >= trainer.num_training_batches
-        if n and self.save_last and trainer.global_step % n == 0 and not last_batch \
+        if n and self.save_last and trainer.global_step % n == 0 and not validates_after(trainer, batch_idx) \
                 and not self._should_skip_saving_checkpoint(trainer):
             saved_before = self._last_global_step_saved
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
@@ -116,11 +125,16 @@ class RunCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """On SIGTERM or Ctrl-C, save ``last.ckpt`` at the current step; other errors leave the last good one."""
+        """On SIGTERM or Ctrl-C, save ``last.ckpt`` at the current step, unless in a validation (the one from before
+        it stays); other errors leave the last good one."""
         super().on_exception(trainer, pl_module, exception)
         if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or not self.save_last:
             return
         if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if trainer.validating:  # Lightning counts a validation saved mid-way as run: a resume would skip its rest
+            kept = f"kept {self.last_model_path}, from before it" if self.last_model_path else "no checkpoint yet"
+            rank_zero_info(f"Interrupted in the validation at step {trainer.global_step}: {kept}")
             return
         if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
