@@ -208,3 +208,33 @@ def test_sigterm_before_any_checkpoint_says_there_is_nothing_to_resume(tmp_path:
                 callbacks=[SigtermInValidation(epoch=0)])
     assert "stopped by SIGTERM before the run's first checkpoint: nothing to resume" in capsys.readouterr().err
     assert not (tmp_path / "lightning_logs/version_0").exists()  # a new run with no checkpoint leaves nothing
+
+
+def test_last_ckpt_appears_only_once_its_steps_metrics_are_logged(tmp_path: Path, tiny_idx: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning logs a step's and an epoch's metrics after the hooks that save last.ckpt: a kill between the two
+    left a checkpoint whose metrics the resumed run never logs (the kill-and-resume test lost a row now and then)."""
+    logged: list[tuple[int, int, bool]] = []  # (logged step, last.ckpt's step on disk then, an epoch's metrics)
+
+    class SpyOnTheTracker(Callback):
+        def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+            tracker = trainer.logger
+            log_metrics = tracker.log_metrics
+
+            def spy(metrics: dict[str, float], step: Optional[int] = None) -> None:
+                last = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+                on_disk = torch.load(last, weights_only=True)["global_step"] if last.is_file() else 0
+                training = not any(key.startswith("val/") for key in metrics)  # a step's or an epoch's
+                if training:
+                    logged.append((step, on_disk, "train/loss" not in metrics))
+                log_metrics(metrics, step)
+
+            monkeypatch.setattr(tracker, "log_metrics", spy)
+
+    monkeypatch.chdir(tmp_path)
+    app.run(tiny_fit(tiny_idx, "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
+                     "--trainer.logger", "mnist_dlops.trackers.csv.CSVLogger",
+                     "--checkpoint.last_every_n_train_steps", "1"), callbacks=[SpyOnTheTracker()])
+    # Step s is logged as s - 1 (Lightning's count of steps before it); its last.ckpt must not be on disk yet.
+    assert [(step, on_disk) for step, on_disk, _ in logged if on_disk > step] == []
+    assert sum(epoch for _, _, epoch in logged) == 2 and len(logged) == 8 + 2

@@ -31,7 +31,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     every checkpoint Lightning loads (a resume, a fault-tolerant callback's file) as plain data, checked.
 
     A kill or a full disk at any moment leaves either the previous file or the complete new one, never a torn file.
+    With ``hold_last``, ``last.ckpt`` is serialized when saved but written by ``write_held`` (``RunCheckpoint``).
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold_last = False
+        self._held: Optional[tuple[Path, io.BytesIO]] = None
 
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
@@ -43,6 +49,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # Serialized in memory first: torch's writer reports a failed write (disk full) as a bare RuntimeError.
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
+        if self.hold_last and path.name == "last.ckpt":
+            self._held = path, buffer
+        else:
+            self._write(path, buffer)
+
+    def write_held(self) -> None:
+        """Write the held-back ``last.ckpt``, if any."""
+        if self._held is not None:
+            path, buffer = self._held
+            self._held = None
+            self._write(path, buffer)
+
+    def drop_held(self) -> None:
+        """Forget the held-back ``last.ckpt``: the one on disk stays."""
+        self._held = None
+
+    @staticmethod
+    def _write(path: Path, buffer: io.BytesIO) -> None:
         try:
             write_atomic(path, buffer.getbuffer(), durable=True)
         except OSError as err:  # disk full, quota, read-only: name the checkpoint; the previous one is untouched
@@ -64,7 +88,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     Every write is atomic; ``last.ckpt`` is also refreshed every ``last_every_n_train_steps`` steps within an
     epoch, and on SIGTERM or Ctrl-C, so a crash or a preemption loses little work and always leaves a checkpoint
-    that resumes.
+    that resumes; it is written once its step's metrics are logged, and never before a validation.
     """
 
     def __init__(self, *args: Any, last_every_n_train_steps: int = 500, **kwargs: Any) -> None:
@@ -93,6 +117,23 @@ class RunCheckpoint(ModelCheckpoint):
         # Resolved, as Lightning resolves a dirpath given to __init__: a resumed run must find its own last.ckpt.
         self.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
         super().setup(trainer, pl_module, stage)
+        # Lightning logs a step's (and an epoch's) metrics after the hooks that save it: last.ckpt, the point a run
+        # resumes from, is written once they are on disk (at the next batch, or the training's end), so that a kill
+        # in between leaves the previous one, never one whose metrics the resumed run would not log again.
+        if isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO) and stage == "fit":
+            trainer.strategy.checkpoint_io.hold_last = True
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._held_io(trainer, write=True)
+
+    def _held_io(self, trainer: pl.Trainer, write: bool) -> None:
+        """Write (or drop) the ``last.ckpt`` the checkpoint IO holds back."""
+        checkpoint_io = trainer.strategy.checkpoint_io
+        if isinstance(checkpoint_io, AtomicCheckpointIO) and write:
+            checkpoint_io.write_held()
+        elif isinstance(checkpoint_io, AtomicCheckpointIO):
+            checkpoint_io.drop_held()
 
     # private, here and below: ModelCheckpoint has no public "save last.ckpt now"; its own _save_last_checkpoint,
     # the checks it makes before it and its record of the last step saved (tests/test_private_members.py).
@@ -123,21 +164,25 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
         if self.save_last and not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._held_io(trainer, write=True)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """On SIGTERM or Ctrl-C, save ``last.ckpt`` at the current step, unless in a validation (the one from before
         it stays); other errors leave the last good one."""
         super().on_exception(trainer, pl_module, exception)
-        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or not self.save_last:
-            return
-        if trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        if trainer.validating:  # Lightning counts a validation saved mid-way as run: a resume would skip its rest
-            kept = f"kept {self.last_model_path}, from before it" if self.last_model_path else "no checkpoint yet"
-            rank_zero_info(f"Interrupted in the validation at step {trainer.global_step}: {kept}")
+        stopped = isinstance(exception, (SIGTERMException, KeyboardInterrupt))
+        if not stopped or not self.save_last or trainer.sanity_checking or trainer.state.fn != "fit" \
+                or trainer.validating:
+            # An error may come before the held last.ckpt's metrics are logged: the one on disk stays.
+            self._held_io(trainer, write=False)
+            if stopped and trainer.validating and not trainer.sanity_checking:
+                # Lightning counts a validation saved mid-way as run: a resume would skip the rest of it.
+                kept = f"kept {self.last_model_path}, from before it" if self.last_model_path else "no checkpoint yet"
+                rank_zero_info(f"Interrupted in the validation at step {trainer.global_step}: {kept}")
             return
         if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._held_io(trainer, write=True)
         rank_zero_info(f"Interrupted at step {trainer.global_step}: saved {self.last_model_path}")
 
 

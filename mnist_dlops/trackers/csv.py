@@ -75,8 +75,8 @@ class CSVLogger(LightningCSVLogger, Tracker):
             name: Sub-folder below ``save_dir`` (none by default: the run directory is the experiment's).
             version: Sub-folder below ``name`` (none by default).
             flush_logs_every_n_steps: Append the buffered rows to the file every this many logged steps. Every one
-                by default: Lightning logs a step's metrics after that step's checkpoint, so rows still buffered
-                when a run is killed would be lost, and the resumed run never logs that step again.
+                by default: the step's ``last.ckpt`` is written at the next batch, so rows still buffered then
+                would be lost to a kill, and the resumed run never logs that step again.
         """
         super().__init__(save_dir if save_dir is not None else "lightning_logs", name=name, version=version,
                          flush_logs_every_n_steps=flush_logs_every_n_steps, **kwargs)
@@ -97,7 +97,7 @@ class CSVLogger(LightningCSVLogger, Tracker):
         """Drop the rows logged after the checkpoint (``state["global_step"]``) by the run that was killed.
 
         The rows on disk when the checkpoint was written stay; so do rows of earlier steps written just after it
-        (Lightning logs a step's metrics after the step's checkpoint).
+        (Lightning logs a step's metrics after it has taken the step's checkpoint).
         """
         if Path(self.experiment.metrics_file_path).is_file():
             self.experiment.keep_rows(int(state.get("rows", 0)), int(state["global_step"]))

@@ -49,8 +49,8 @@ class TensorBoardLogger(LightningTensorBoardLogger, Tracker):
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
-        """Lightning's, then flushed: Lightning logs a step's metrics after that step's checkpoint, so a run killed
-        before the next flush would lose them, and the resumed run, starting after that step, never logs them again."""
+        """Lightning's, then flushed: the step's ``last.ckpt`` is written at the next batch, and a run killed with
+        these metrics unflushed would lose them; the resumed run, starting after that step, never logs them again."""
         super().log_metrics(metrics, step)
         self.experiment.flush()
 
