@@ -181,7 +181,6 @@ def test_last_ckpt_is_not_refreshed_before_a_validation(tmp_path: Path, tiny_idx
     assert seen == [(3, 2), (6, 5)]  # nor before a validation within the epoch
 
 
-
 def test_sigterm_during_validation_keeps_the_checkpoint_from_before_it(tmp_path: Path, tiny_idx: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A last.ckpt saved in the middle of a validation resumes past the rest of it (Lightning counts it as run):
