@@ -209,6 +209,26 @@ def test_sigterm_before_any_checkpoint_says_there_is_nothing_to_resume(tmp_path:
     assert not (tmp_path / "lightning_logs/version_0").exists()  # a new run with no checkpoint leaves nothing
 
 
+@pytest.mark.parametrize("save_on_exception", [False, True])
+def test_an_error_keeps_the_last_ckpt_from_before_unless_lightning_is_asked_to_save(
+        tmp_path: Path, tiny_idx: Path, monkeypatch: pytest.MonkeyPatch, save_on_exception: bool) -> None:
+    """An error before the next batch drops the step's held last.ckpt; ``checkpoint.save_on_exception`` still gets
+    the checkpoint it asks Lightning for, last.ckpt included."""
+
+    class CrashAtTheLastBatch(Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+            if trainer.global_step == 3:  # step 3's last.ckpt is held: its metrics may not be logged yet
+                raise RuntimeError("a bug")
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError, match="a bug"):
+        app.run(tiny_fit(tiny_idx, "--trainer.max_epochs", "1", "--checkpoint.last_every_n_train_steps", "1",
+                         "--checkpoint.save_on_exception", str(save_on_exception).lower()),
+                callbacks=[CrashAtTheLastBatch()])
+    last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == (3 if save_on_exception else 2)
+
+
 def test_last_ckpt_appears_only_once_its_steps_metrics_are_logged(tmp_path: Path, tiny_idx: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Lightning logs a step's and an epoch's metrics after the hooks that save last.ckpt: a kill between the two

@@ -73,6 +73,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise OSError(err.errno, f"cannot write checkpoint ({err.strerror}); the previous one is intact", str(path)) from err
 
 
+def holding_io(trainer: pl.Trainer) -> Optional[AtomicCheckpointIO]:
+    """The trainer's checkpoint IO when it is ours, which may hold back ``last.ckpt``."""
+    checkpoint_io = trainer.strategy.checkpoint_io
+    return checkpoint_io if isinstance(checkpoint_io, AtomicCheckpointIO) else None
+
+
 def validates_after(trainer: pl.Trainer, batch_idx: int) -> bool:
     """Whether a validation follows this training batch: at an epoch's last batch, and every ``val_check_interval``
     batches (Lightning's rule, read from the trainer's public fields)."""
@@ -125,15 +131,9 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self._held_io(trainer, write=True)
-
-    def _held_io(self, trainer: pl.Trainer, write: bool) -> None:
-        """Write (or drop) the ``last.ckpt`` the checkpoint IO holds back."""
-        checkpoint_io = trainer.strategy.checkpoint_io
-        if isinstance(checkpoint_io, AtomicCheckpointIO) and write:
-            checkpoint_io.write_held()
-        elif isinstance(checkpoint_io, AtomicCheckpointIO):
-            checkpoint_io.drop_held()
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if held := holding_io(trainer):
+            held.write_held()
 
     # private, here and below: ModelCheckpoint has no public "save last.ckpt now"; its own _save_last_checkpoint,
     # the checks it makes before it and its record of the last step saved (tests/test_private_members.py).
@@ -164,26 +164,29 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
         if self.save_last and not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        self._held_io(trainer, write=True)
+        if held := holding_io(trainer):
+            held.write_held()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """On SIGTERM or Ctrl-C, save ``last.ckpt`` at the current step, unless in a validation (the one from before
-        it stays); other errors leave the last good one."""
-        super().on_exception(trainer, pl_module, exception)
+        it stays); other errors leave the last good one (and what ``save_on_exception`` asks Lightning to save)."""
         stopped = isinstance(exception, (SIGTERMException, KeyboardInterrupt))
-        if not stopped or not self.save_last or trainer.sanity_checking or trainer.state.fn != "fit" \
-                or trainer.validating:
-            # An error may come before the held last.ckpt's metrics are logged: the one on disk stays.
-            self._held_io(trainer, write=False)
-            if stopped and trainer.validating and not trainer.sanity_checking:
-                # Lightning counts a validation saved mid-way as run: a resume would skip the rest of it.
-                kept = f"kept {self.last_model_path}, from before it" if self.last_model_path else "no checkpoint yet"
-                rank_zero_info(f"Interrupted in the validation at step {trainer.global_step}: {kept}")
-            return
-        if self._last_global_step_saved != trainer.global_step:
+        training = trainer.state.fn == "fit" and not (trainer.validating or trainer.sanity_checking)
+        save = stopped and self.save_last and training
+        held = holding_io(trainer)
+        if held and not save:  # an error may come before the held last.ckpt's metrics are logged: not that one
+            held.drop_held()
+        super().on_exception(trainer, pl_module, exception)  # Lightning's save_on_exception, if the user asked
+        if save and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        self._held_io(trainer, write=True)
-        rank_zero_info(f"Interrupted at step {trainer.global_step}: saved {self.last_model_path}")
+        if held:
+            held.write_held()
+        if save:
+            rank_zero_info(f"Interrupted at step {trainer.global_step}: saved {self.last_model_path}")
+        elif stopped and trainer.validating and not self.save_on_exception:
+            # Lightning counts a validation saved mid-way as run: a resume would skip the rest of it.
+            kept = f"kept {self.last_model_path}, from before it" if self.last_model_path else "no checkpoint yet"
+            rank_zero_info(f"Interrupted in the validation at step {trainer.global_step}: {kept}")
 
 
 class ResumeState(Callback):
